@@ -1,0 +1,1 @@
+"""aepo_jax.train."""

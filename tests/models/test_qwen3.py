@@ -1,0 +1,242 @@
+"""Qwen3 port vs transformers' Qwen3ForCausalLM on tiny random checkpoints (float32, CPU)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from aepo_jax.models import qwen3
+from tests.reference import hf_logits, write_hf_qwen3
+
+CONFIGS = {
+    "untied_gqa2": dict(),
+    "tied_mha": dict(tie_word_embeddings=True, num_key_value_heads=4),           # GQA ratio 1
+    "gqa4_headdim": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8),  # 8*8 != 48
+    "odd_vocab_theta": dict(vocab_size=131, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+}
+
+
+def _assert_logits_close(ours, ref, valid=None):
+    ours = np.asarray(ours, np.float64)
+    if valid is not None:
+        ours, ref = ours[valid], ref[valid]
+    scale = np.abs(ref).max()
+    assert scale > 1.0, "reference logits too small for a meaningful comparison"
+    err = np.abs(ours - ref).max()
+    assert err <= 1e-4 * scale, f"max abs diff {err:.3g} > 1e-4 * logit scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_logits_match_transformers(tmp_path, name, padding):
+    hf = write_hf_qwen3(tmp_path, seed=len(name), **CONFIGS[name])
+    model = qwen3.load_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, hf.config.vocab_size, size=(3, 11))
+    mask = np.ones_like(ids)
+    if padding == "left":
+        mask[0, :4] = 0
+        mask[2, :1] = 0
+    elif padding == "right":
+        mask[1, 7:] = 0
+        mask[2, 9:] = 0
+    ref = hf_logits(hf, ids, mask)
+    ours = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    _assert_logits_close(ours, ref, valid=mask.astype(bool))
+
+
+def test_config_round_trip_and_presets(tmp_path):
+    hf = write_hf_qwen3(tmp_path, tie_word_embeddings=True)
+    config = qwen3.Qwen3Config.from_hf_dict(hf.config.to_dict())
+    assert config.head_dim == 16 and config.num_kv_heads == 2 and config.tie_word_embeddings
+    assert qwen3.Qwen3Config.from_hf_dict(config.to_hf_dict()) == config
+    # Preset sizes match the released models' parameter counts (Qwen3 model cards).
+    expected_billions = {"0.6b": 0.60, "1.7b": 1.72, "4b": 4.02, "8b": 8.19, "14b": 14.77, "32b": 32.76}
+    for name, billions in expected_billions.items():
+        assert abs(qwen3.count_params(qwen3.preset(name)) / 1e9 - billions) < 0.02, name
+    n_ours = sum(x.size for x in jax.tree.leaves(nnx_params(qwen3.Qwen3(config))))
+    assert n_ours == qwen3.count_params(config) == sum(p.numel() for p in hf.parameters())
+
+
+def nnx_params(model):
+    from flax import nnx
+    return nnx.state(model, nnx.Param)
+
+
+def _greedy_full_forward(model, prompts, steps):
+    """Greedy decoding by re-running the whole sequence each step: no cache at all.
+
+    The sequence lives in a fixed [B, width + steps] buffer (left-padded prompt, future slots masked out),
+    so one compiled forward serves every step.
+    """
+    width = max(map(len, prompts))
+    total = width + steps
+    ids = np.zeros((len(prompts), total), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):width] = p
+        mask[row, width - len(p):width] = 1
+    forward = jax.jit(lambda m, i, a, pos: m(i, attention_mask=a, positions=pos))
+    for step in range(steps):
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits = forward(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions))
+        ids[:, width + step] = np.asarray(jnp.argmax(logits[:, width + step - 1], axis=-1))
+        mask[:, width + step] = 1
+    return ids[:, width:]
+
+
+def _greedy_cached(model, prompts, steps):
+    """Greedy decoding through the KV cache: one ragged prefill, then one token per step."""
+    cache = qwen3.KVCache.create(model.config, len(prompts), max_len=64, dtype=jnp.float32)
+    width = max(len(p) for p in prompts)
+    chunk = np.array([p + [0] * (width - len(p)) for p in prompts])
+    num_new = jnp.array([len(p) for p in prompts])
+    step = jax.jit(lambda m, t, c, n: m.extend(t, c, num_new=n))
+    hidden, cache = step(model, jnp.asarray(chunk), cache, num_new)
+    last = hidden[jnp.arange(len(prompts)), num_new - 1]
+    out = []
+    for _ in range(steps):
+        nxt = jnp.argmax(model.logits(last), axis=-1)
+        out.append(np.asarray(nxt))
+        hidden, cache = step(model, nxt[:, None], cache, jnp.ones_like(num_new))
+        last = hidden[:, 0]
+    return np.stack(out, axis=1)
+
+
+def test_greedy_generation_matches_transformers_generate(tmp_path):
+    hf = write_hf_qwen3(tmp_path, seed=3)
+    model = qwen3.load_pretrained(tmp_path)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, hf.config.vocab_size, size=n).tolist() for n in (5, 9, 7)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
+                          do_sample=False, pad_token_id=0)[:, width:].numpy()
+    np.testing.assert_array_equal(_greedy_full_forward(model, prompts, 32), ref)
+    np.testing.assert_array_equal(_greedy_cached(model, prompts, 32), ref)
+
+
+def test_extend_only_touches_chosen_slots():
+    model = qwen3.Qwen3(qwen3.preset("tiny"), rngs=__import__("flax").nnx.Rngs(1))
+    cache = qwen3.KVCache.create(model.config, 4, max_len=16, dtype=jnp.float32)
+    _, cache = model.extend(jnp.ones((4, 3), jnp.int32), cache)
+    _, after = model.extend(jnp.full((2, 5), 7), cache, slots=jnp.array([3, 1]), num_new=jnp.array([5, 2]))
+    np.testing.assert_array_equal(after.lengths, [3, 5, 3, 8])
+    for before_k, after_k in zip(cache.keys, after.keys):
+        np.testing.assert_array_equal(before_k[jnp.array([0, 2])], after_k[jnp.array([0, 2])])
+        np.testing.assert_array_equal(after_k[1, 5:], before_k[1, 5:])  # padding was not written
+        assert not np.array_equal(after_k[3, 3:8], before_k[3, 3:8])
+
+
+def test_bf16_stays_close_to_float32(tmp_path):
+    hf = write_hf_qwen3(tmp_path, seed=5)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, hf.config.vocab_size, size=(2, 16)))
+    ref = np.asarray(qwen3.load_pretrained(tmp_path)(ids), np.float64)
+    bf16 = qwen3.load_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert bf16.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    out = bf16(ids)
+    assert out.dtype == jnp.bfloat16
+    out = np.asarray(out, np.float64)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel < 2e-2, rel
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_save_then_transformers_load_gives_identical_logits(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    hf = write_hf_qwen3(src, seed=7)
+    model = qwen3.load_pretrained(src)
+    qwen3.save_pretrained(model, dst)
+    import transformers
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(dst), local_files_only=True).eval()
+    ids = np.random.default_rng(3).integers(0, 97, size=(2, 10))
+    np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(hf, ids))
+
+
+def test_load_sharded_safetensors_and_save_sharded(tmp_path):
+    hf = write_hf_qwen3(tmp_path / "hf", seed=9, max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = qwen3.load_pretrained(tmp_path / "hf")
+    ids = np.random.default_rng(4).integers(0, 97, size=(2, 8))
+    _assert_logits_close(model(jnp.asarray(ids)), hf_logits(hf, ids))
+    qwen3.save_pretrained(model, tmp_path / "ours", max_shard_bytes=30_000)
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = qwen3.load_pretrained(tmp_path / "ours")
+    np.testing.assert_array_equal(again(jnp.asarray(ids)), model(jnp.asarray(ids)))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qwen3.load_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        qwen3.load_pretrained(tmp_path)
+    write_hf_qwen3(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        qwen3.load_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_tensor_and_file(tmp_path):
+    write_hf_qwen3(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.\w+_proj\.weight'"):
+        qwen3.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("use_sliding_window", True, "use_sliding_window"),
+    ("num_experts", 8, "num_experts"),
+    ("model_type", "qwen3_moe", "model_type"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}, "rope_parameters"),
+])
+def test_unsupported_config_fields_are_named(tmp_path, key, value, match):
+    write_hf_qwen3(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.json: unsupported {match}"):
+        qwen3.load_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_reported(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    write_hf_qwen3(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.mlp.experts.0.weight"] = np.zeros((2, 2), np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensors.*experts"):
+        qwen3.load_pretrained(tmp_path)
+
+
+def test_save_never_leaves_a_half_written_directory(tmp_path, monkeypatch):
+    model = qwen3.Qwen3(qwen3.preset("tiny"))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "mine.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        qwen3.save_pretrained(model, target)
+    assert os.listdir(target) == ["mine.txt"]
+
+    from aepo_jax.models import hf_checkpoint
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(hf_checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        qwen3.save_pretrained(model, target, overwrite=True)
+    assert os.listdir(target) == ["mine.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left behind
+    monkeypatch.undo()
+    qwen3.save_pretrained(model, target, overwrite=True)
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
