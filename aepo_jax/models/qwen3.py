@@ -293,14 +293,20 @@ class DecoderLayer(nnx.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
+def _self_attending_layer(layer: DecoderLayer, x: Array, positions: Array, mask: Array) -> Array:
+    """One layer of the full-sequence forward: the chunk attends to itself under `mask`."""
+    return layer(x, positions, lambda k, v: (k, v, mask, None))[0]
+
+
 class Qwen3(nnx.Module):
     """The Qwen3 causal LM. `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights."""
 
     def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 remat: bool = False, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
+        self.remat = remat  # recompute each layer's activations in the backward pass (full forward only)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
@@ -327,8 +333,9 @@ class Qwen3(nnx.Module):
             mask = mask & attention_mask.astype(bool)[:, None, :]
         mask = jnp.broadcast_to(mask, (b, t, t))
         x = self.embed_tokens(input_ids)
+        run = nnx.remat(_self_attending_layer) if self.remat else _self_attending_layer
         for layer in self.layers:
-            x, _ = layer(x, positions, lambda k, v: (k, v, mask, None))
+            x = run(layer, x, positions, mask)
         return self.norm(x)
 
     def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,

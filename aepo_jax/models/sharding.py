@@ -60,15 +60,25 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*fitted)
 
 
-def partition_specs(pure_params, mesh: Mesh, rules=QWEN3_RULES):
-    """A tree of PartitionSpecs (same structure as `pure_params`, a nested dict of arrays)."""
+def _path_name(path) -> str:
+    """`layers/0/self_attn/q_proj/kernel` from a pytree key path (dict keys, indices, attributes)."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)  # nnx.State leaves end in .value
+
+
+def partition_specs(tree, mesh: Mesh, rules=QWEN3_RULES):
+    """A tree of PartitionSpecs for `tree` (parameters as a pure dict or nnx.State, or an optax state).
+
+    Rules match the end of each leaf's path, so optimiser moments (`.../mu/layers/0/.../kernel`) follow
+    their parameter.
+    """
     def spec_for(path, leaf):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = _path_name(path)
         for pattern, spec in rules:
             if re.search(pattern, name):
                 return _fit(spec, leaf.shape, mesh)
         raise ValueError(f"no partition rule matches parameter {name!r}")
-    return jax.tree_util.tree_map_with_path(spec_for, pure_params)
+    return jax.tree_util.tree_map_with_path(spec_for, tree)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=QWEN3_RULES) -> nnx.Module:

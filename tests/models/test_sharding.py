@@ -50,3 +50,14 @@ def test_make_mesh_errors():
     with pytest.raises(ValueError, match="at most one mesh axis"):
         sharding.make_mesh(-1, -1, 1)
     assert sharding.make_mesh(2, -1, 2).shape == {"data": 2, "fsdp": 2, "tp": 2}
+
+
+def test_optimizer_moments_follow_their_parameters():
+    import optax
+    mesh = sharding.make_mesh(1, 4, 2)
+    params = nnx.state(_model(), nnx.Param)
+    specs = sharding.partition_specs(optax.adamw(1e-3).init(params), mesh)
+    mu = specs[0].mu
+    assert mu["layers"][1]["self_attn"]["q_proj"]["kernel"].value == P("fsdp", "tp")
+    assert mu["layers"][1]["mlp"]["down_proj"]["kernel"].value == P("tp", "fsdp")
+    assert specs[0].count == P()
