@@ -1,0 +1,53 @@
+"""`python -m aepo_jax.train --flagfile=configs/X.flags [--flag=value ...]`.
+
+With no flags at all it runs the built-in CPU demo (configs/cpu_demo.flags).
+"""
+
+import os
+import sys
+from types import SimpleNamespace
+
+from absl import app, flags
+
+from aepo_jax.train import flags as train_flags
+
+CPU_DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cpu_demo.flags")
+
+
+def describe_mesh() -> str:
+    """The mesh the flags ask for, and whether this machine's devices can form it."""
+    import jax
+    from aepo_jax.models import sharding
+    f = train_flags
+    sizes = (f.MESH_DATA.value, f.MESH_FSDP.value, f.MESH_TP.value)
+    devices = f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)"
+    try:
+        mesh = sharding.make_mesh(*sizes)
+    except ValueError as e:
+        return f"mesh data x fsdp x tp = {sizes}: cannot be built on this machine's {devices} ({e})"
+    return f"mesh {dict(mesh.shape)} over {devices}"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    values = train_flags.resolved()
+    if train_flags.DRY_RUN.value:
+        width = max(map(len, values))
+        for name, value in values.items():
+            print(f"{name:<{width}}  {value!r}")
+        print(describe_mesh())
+        return
+    from aepo_jax.train.trainer import Trainer
+    Trainer(SimpleNamespace(**values)).run()
+
+
+def run():
+    argv = sys.argv
+    if len(argv) == 1 and os.path.exists(CPU_DEMO):
+        argv = argv + [f"--flagfile={os.path.abspath(CPU_DEMO)}"]
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()
