@@ -1,0 +1,749 @@
+"""The sampling engine: a fixed pool of sequence slots over one KV cache, driven by compiled calls.
+
+Everything on the device is one pytree, `EngineState` (the per-layer KV buffers, and per slot: length,
+hidden state of the last token, PRNG key, recent-token history, stop state, sampling settings). The
+`Engine` class holds it and calls four jitted pure functions that take the model weights as an argument
+and donate the state, so the cache is updated in place and new weights never recompile anything:
+
+  prefill(slots, chunks)  append token chunks to chosen slots at their current positions (a prompt into a
+                          free slot; a tool result into a waiting one). Chunks are padded to a bucket length
+                          and the number of rows to a power of two, so a few shapes cover every call.
+  decode(max_steps)       a `lax.while_loop` that samples one token per running slot per step. A slot stops
+                          on EOS, on a stop string (token ids, see `stops`) or at its length budget, and then
+                          idles (masked) inside the loop; the loop returns when `need` slots have stopped
+                          during the call (need = max(min_waiting, ceil(wait_fraction * running)); 1 = "any
+                          slot", wait_fraction=1 = "all"), when no slot runs, or after max_steps. The new
+                          tokens, their log-probs and entropies (see `sampling`), and why / where each slot
+                          stopped come back in one `DecodeResult` of device arrays: no per-token host trip.
+  fork(src, dst)          copy slots (cache rows, length, history, stop state, settings) into free slots; the
+                          child's key is derived from the parent's (fold_in) unless same_key=True.
+  release(slots)          free slots.
+
+The next token of a slot is drawn from its stored hidden state (`hidden`, the final normed state of its
+last cached token), so a prefill ends by storing the hidden state of the chunk's last real token, and each
+decode step stores that of the token it just appended. Sampled tokens, including EOS and stop-string tokens,
+are written to the cache, so a tool result appended after `</search>` follows it directly.
+
+Randomness: each slot has a key; the token at position p is drawn with fold_in(key, p). A forked slot that
+keeps its parent's key therefore reproduces the parent's continuation token for token.
+
+Performance (see tools/benchmark_decode.py): a decode step reads the weights once and each slot's KV cache
+once (attention="cudnn": only its valid prefix; "xla": the whole max_len), writes one KV row per running
+slot in place (the compiled loop holds no copy of a cache buffer: `hlo.cache_copies`), and computes logits
+only for the [S] last tokens. Prefill compiles once per (rows, chunk, key-window) bucket, decode once per
+(output width, sampling mode); fork and release once per row bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from aepo_jax.engine import forward, sampling, stops as stops_lib
+from aepo_jax.engine.sampling import SamplingParams
+
+Array = jax.Array
+
+# Why a slot stopped (EngineState.reason, DecodeResult.reason).
+RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
+REASONS = {RUNNING: None, EOS: "eos", STOP: "stop", LENGTH: "length"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+    """Device state of the slot pool. Every leaf but `keys` / `values` is per slot (leading axis S)."""
+
+    keys: tuple[Array, ...]    # per layer, see forward.cache_shape
+    values: tuple[Array, ...]
+    lengths: Array             # [S] int32 cached positions (= position of the next token)
+    hidden: Array              # [S, H] final normed hidden state of the last cached token
+    rng: Array                 # [S, *key] uint32 PRNG key data
+    history: Array             # [S, W] int32 last W sampled tokens since the last prefill, -1 = none
+    running: Array             # [S] bool: the slot samples when decode runs
+    reason: Array              # [S] int32 why the slot stopped (RUNNING while it runs)
+    stop_id: Array             # [S] int32 index of the stop string that stopped it, else -1
+    limit: Array               # [S] int32 length budget: the slot stops when lengths reaches it
+    temperature: Array         # [S] f32 (0 = greedy)
+    top_p: Array               # [S] f32
+    top_k: Array               # [S] int32
+    stops: Array               # [S, num_stop_strings] bool: stop strings enabled for the slot
+    eos_stop: Array            # [S] bool: EOS ids stop the slot
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeOutput:
+    """What one decode call produced, per slot (device arrays; `DecodeResult` fetches them)."""
+
+    tokens: Array      # [S, W] int32 new tokens of the call, -1 past counts
+    logprobs: Array    # [S, W] f32 log p(token) under softmax(logits / T), 0 past counts
+    entropies: Array   # [S, W] f32 full-vocabulary entropy of softmax(logits / T), 0 past counts
+    counts: Array      # [S] int32 new tokens of each slot
+    stopped: Array     # [S] bool: the slot stopped during this call
+    reason: Array      # [S] int32 the slot's stop state after the call (RUNNING, EOS, STOP, LENGTH)
+    stop_id: Array     # [S] int32 stop-string index when reason == STOP, else -1
+    lengths: Array     # [S] int32 slot lengths after the call
+    steps: Array       # [] int32 decode steps run
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static description of an engine, closed over by its compiled functions."""
+
+    graphdef: Any
+    layout: str
+    eos_ids: tuple[int, ...]
+    stop_table: tuple      # (table, valid, owner) as nested tuples
+    key_impl: str | None
+    seed: int
+    attention: str
+    unroll: int
+
+
+# --------------------------------------------------------------------------------- compiled functions
+
+
+def _wrap(data, impl):
+    return jax.random.wrap_key_data(data, impl=impl) if impl else jax.random.wrap_key_data(data)
+
+
+def _request_key_data(spec: _Spec, seeds: Array) -> Array:
+    base = jax.random.key(spec.seed, impl=spec.key_impl) if spec.key_impl else jax.random.key(spec.seed)
+    return jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(base, s)))(seeds)
+
+
+def _put(arr: Array, rows: Array, new) -> Array:
+    return arr.at[rows].set(jnp.broadcast_to(new, (rows.shape[0],) + arr.shape[1:]).astype(arr.dtype),
+                            mode="drop")
+
+
+def _put_if(arr: Array, rows: Array, cond: Array, new) -> Array:
+    old = jnp.take(arr, rows, axis=0, mode="clip")
+    new = jnp.broadcast_to(new, old.shape).astype(arr.dtype)
+    cond = cond.reshape(cond.shape + (1,) * (old.ndim - 1))
+    return _put(arr, rows, jnp.where(cond, new, old))
+
+
+def _prefill_impl(spec: _Spec, params, state: EngineState, tokens, rows, num_new, fresh, seeds, settings,
+                  *, window: int):
+    """settings: {field: (set [R] bool, value [R, ...])} for limit, temperature, top_p, top_k, stops and
+    eos_stop; a field is overwritten only in the rows where its flag is set."""
+    model = nnx.merge(spec.graphdef, params)
+    starts = jnp.where(fresh, 0, jnp.take(state.lengths, rows, mode="clip"))
+    hidden, keys, values = forward.prefill_chunk(model, state.keys, state.values, tokens, rows, starts,
+                                                 num_new, spec.layout, window)
+    updates = {name: _put_if(getattr(state, name), rows, flag, value)
+               for name, (flag, value) in settings.items()}
+    return dataclasses.replace(
+        state, keys=keys, values=values,
+        lengths=_put(state.lengths, rows, starts + num_new),
+        hidden=_put(state.hidden, rows, hidden),
+        rng=_put_if(state.rng, rows, fresh, _request_key_data(spec, seeds)),
+        history=_put(state.history, rows, -1),
+        running=_put(state.running, rows, True),
+        reason=_put(state.reason, rows, RUNNING),
+        stop_id=_put(state.stop_id, rows, -1),
+        **updates)
+
+
+def _decode_impl(spec: _Spec, params, state: EngineState, max_steps, min_waiting, wait_fraction, *,
+                 width: int, greedy_only: bool, candidates: int):
+    model = nnx.merge(spec.graphdef, params)
+    num_slots = state.lengths.shape[0]
+    table, valid, owner = (np.asarray(a) for a in spec.stop_table)
+    eos_ids = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
+
+    # A slot already at its budget stops before sampling anything.
+    at_limit = state.running & (state.lengths >= state.limit)
+    n_start = jnp.sum(state.running.astype(jnp.int32))
+    need = jnp.maximum(min_waiting, jnp.ceil(wait_fraction * n_start).astype(jnp.int32))
+    need = jnp.clip(need, 1, jnp.maximum(n_start, 1))
+    init = dict(
+        step=jnp.int32(0), keys=state.keys, values=state.values, lengths=state.lengths,
+        hidden=state.hidden, history=state.history, running=state.running & ~at_limit,
+        reason=jnp.where(at_limit, LENGTH, state.reason), stop_id=state.stop_id, stopped=at_limit,
+        tokens=jnp.full((num_slots, width), -1, jnp.int32),
+        logprobs=jnp.zeros((num_slots, width), jnp.float32),
+        entropies=jnp.zeros((num_slots, width), jnp.float32),
+    )
+
+    def cond(c):
+        return ((c["step"] < max_steps) & jnp.any(c["running"])
+                & (jnp.sum(c["stopped"].astype(jnp.int32)) < need))
+
+    def step(c, active):
+        """One token for every running slot; a no-op (nothing written) where `active` is False."""
+        run = c["running"] & active
+        logits = forward.logits(model, c["hidden"])
+        step_keys = jax.vmap(jax.random.fold_in)(_wrap(state.rng, spec.key_impl), c["lengths"])
+        tok, logp, ent = sampling.sample(logits, state.temperature, state.top_k, state.top_p, step_keys,
+                                         greedy_only=greedy_only, candidates=candidates)
+        tok = jnp.where(run, tok, 0)
+        column = jnp.minimum(c["step"], width - 1)
+
+        def col(buf, v):
+            old = lax.dynamic_slice(buf, (0, column), (num_slots, 1))[:, 0]
+            return lax.dynamic_update_slice(buf, jnp.where(run, v.astype(buf.dtype), old)[:, None], (0, column))
+
+        history = stops_lib.push_history(c["history"], tok, run)
+        eos = run & state.eos_stop & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+        hit, which = stops_lib.match(history, state.stops, table, valid, owner)
+        hit = run & hit & ~eos
+        new_len = c["lengths"] + run.astype(jnp.int32)
+        full = run & (new_len >= state.limit)
+        why = jnp.where(eos, EOS, jnp.where(hit, STOP, jnp.where(full, LENGTH, RUNNING)))
+        done = why != RUNNING
+        hidden, keys, values = forward.decode_step(model, c["keys"], c["values"], tok, c["lengths"], run,
+                                                   spec.layout, spec.attention)
+        return dict(
+            step=c["step"] + active.astype(jnp.int32), keys=keys, values=values, lengths=new_len,
+            hidden=jnp.where(run[:, None], hidden.astype(c["hidden"].dtype), c["hidden"]),
+            history=history, running=c["running"] & ~done,
+            reason=jnp.where(done, why, c["reason"]), stop_id=jnp.where(hit, which, c["stop_id"]),
+            stopped=c["stopped"] | done,
+            tokens=col(c["tokens"], tok), logprobs=col(c["logprobs"], logp),
+            entropies=col(c["entropies"], ent),
+        )
+
+    def body(c):
+        # `unroll` steps per loop iteration: the exit test (a device-to-host sync on GPU) runs once per
+        # iteration; the later steps of an iteration are masked no-ops once the loop should have ended.
+        c = step(c, jnp.bool_(True))
+        for _ in range(spec.unroll - 1):
+            c = step(c, cond(c))
+        return c
+
+    c = lax.while_loop(cond, body, init)
+    new_state = dataclasses.replace(
+        state, keys=c["keys"], values=c["values"], lengths=c["lengths"], hidden=c["hidden"],
+        history=c["history"], running=c["running"], reason=c["reason"], stop_id=c["stop_id"])
+    counts = c["lengths"] - state.lengths
+    out = DecodeOutput(tokens=c["tokens"], logprobs=c["logprobs"], entropies=c["entropies"],
+                       counts=counts, stopped=c["stopped"], reason=c["reason"], stop_id=c["stop_id"],
+                       lengths=c["lengths"], steps=c["step"])
+    return new_state, out
+
+
+def _fork_impl(spec: _Spec, state: EngineState, src, dst, same_key, fork_ids):
+    copy = lambda a: a.at[dst].set(jnp.take(a, src, axis=0, mode="clip"), mode="drop")
+    new = jax.tree.map(copy, state)
+    parent = _wrap(jnp.take(state.rng, src, axis=0, mode="clip"), spec.key_impl)
+    child = jax.random.key_data(jax.vmap(jax.random.fold_in)(parent, fork_ids))
+    rng = jnp.where(same_key.reshape((-1,) + (1,) * (child.ndim - 1)), jax.random.key_data(parent), child)
+    return dataclasses.replace(new, rng=new.rng.at[dst].set(rng, mode="drop"))
+
+
+def _rewind_impl(spec: _Spec, state: EngineState, rows, lengths, seeds):
+    """Cuts slots back to `lengths`, idle until their next prefill, with keys derived from `seeds`."""
+    return dataclasses.replace(
+        state, lengths=_put(state.lengths, rows, lengths), running=_put(state.running, rows, False),
+        reason=_put(state.reason, rows, RUNNING), stop_id=_put(state.stop_id, rows, -1),
+        history=_put(state.history, rows, -1), rng=_put(state.rng, rows, _request_key_data(spec, seeds)))
+
+
+def _release_impl(state: EngineState, rows):
+    return dataclasses.replace(
+        state, lengths=_put(state.lengths, rows, 0), running=_put(state.running, rows, False),
+        reason=_put(state.reason, rows, RUNNING), stop_id=_put(state.stop_id, rows, -1),
+        history=_put(state.history, rows, -1))
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+class DecodeResult:
+    """The outcome of one `Engine.decode` call.
+
+    `output` holds device arrays (the call is asynchronous); any other attribute fetches them once (one
+    transfer) as numpy arrays: tokens / logprobs / entropies [S, W], counts, stopped, reason, stop_id,
+    lengths [S], steps.
+    """
+
+    def __init__(self, engine: "Engine", output: DecodeOutput, version: int):
+        self.output = output
+        self._engine = engine
+        self._version = version
+        self._host: dict[str, np.ndarray] | None = None
+
+    def fetch(self) -> "DecodeResult":
+        if self._host is None:
+            host = jax.device_get(dataclasses.asdict(self.output))
+            self._host = {k: np.asarray(v) for k, v in host.items()}
+            self._engine._learn_lengths(self._host["lengths"], self._version)
+        return self
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name not in {f.name for f in dataclasses.fields(DecodeOutput)}:
+            raise AttributeError(name)
+        return self.fetch()._host[name]
+
+    def stopped_slots(self) -> list[int]:
+        """Slots that stopped during this call (they now wait for a prefill or a release)."""
+        return [int(s) for s in np.flatnonzero(self.stopped)]
+
+    def new_tokens(self, slot: int) -> np.ndarray:
+        return self.tokens[slot, :self.counts[slot]]
+
+    def new_logprobs(self, slot: int) -> np.ndarray:
+        return self.logprobs[slot, :self.counts[slot]]
+
+    def new_entropies(self, slot: int) -> np.ndarray:
+        return self.entropies[slot, :self.counts[slot]]
+
+    def finish_reason(self, slot: int) -> str | None:
+        """None (still running), 'eos', 'length', or the name of the stop string that stopped the slot."""
+        reason = int(self.reason[slot])
+        if reason == STOP:
+            return self._engine.stop_table.names[int(self.stop_id[slot])]
+        return REASONS[reason]
+
+
+@dataclasses.dataclass
+class Generation:
+    """One completion of `Engine.generate`."""
+
+    tokens: list[int]
+    logprobs: np.ndarray
+    entropies: np.ndarray
+    finish_reason: str       # 'eos', 'length' or a stop-string name
+
+
+# -------------------------------------------------------------------------------------------- engine
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def default_buckets(max_len: int) -> tuple[int, ...]:
+    """Chunk-length buckets 16, 64, 256, ... (x4), capped by and ending with max_len."""
+    out, b = [], 16
+    while b < max_len:
+        out.append(b)
+        b *= 4
+    return tuple(out) + (max_len,)
+
+
+class Engine:
+    """A pool of `num_slots` sequences of up to `max_len` tokens for one Qwen3 model.
+
+    Args:
+      model: a `qwen3.Qwen3`; its compute dtype is the engine's activation dtype. Only its weights are
+        used (see `set_weights`), the module itself is not kept.
+      num_slots, max_len: pool size (static).
+      cache_dtype: KV-cache dtype (bf16 default).
+      eos_ids: token ids that end a sequence (e.g. Qwen3's <|im_end|> and <|endoftext|>).
+      stop_strings: named stop strings, see `stops.StopTable` (token ids, or text with `tokenizer`).
+      prefill_buckets: chunk lengths prefill pads to (default 16, 64, 256, ..., max_len).
+      attention: decode attention, "cudnn" (cuDNN fused attention with per-slot key lengths: reads only
+        each slot's valid prefix; GPU, bf16/f16, "bshd" layout) or "xla" (einsum over the whole cache with
+        a position mask; any backend). None = "cudnn" on GPU when the dtypes allow, else "xla".
+      layout: KV-cache layout, "bshd" or "bhsd" (see `forward`). None = "bshd" with cudnn attention, else
+        "bhsd" (head-major: the XLA attention's batch-matmul layout).
+      seed: base of the per-request PRNG keys; key_impl: a `jax.random` implementation name (None = default).
+      unroll: decode steps per while-loop iteration (the exit test runs once per iteration).
+    """
+
+    def __init__(self, model, *, num_slots: int, max_len: int, cache_dtype=jnp.bfloat16,
+                 eos_ids: Sequence[int] = (), stop_strings: Mapping[str, Any] | Sequence[str] | None = None,
+                 tokenizer=None, prefill_buckets: Sequence[int] | None = None, layout: str | None = None,
+                 seed: int = 0, key_impl: str | None = None, attention: str | None = None, unroll: int = 1):
+        if num_slots < 1 or max_len < 2:
+            raise ValueError(f"Engine needs num_slots >= 1 and max_len >= 2, got {num_slots}, {max_len}")
+        config = model.config
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+        half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        if attention is None:
+            attention = ("cudnn" if jax.default_backend() == "gpu" and jnp.dtype(model.dtype) in half
+                         and jnp.dtype(cache_dtype) == jnp.dtype(model.dtype) else "xla")
+        if attention not in ("xla", "cudnn"):
+            raise ValueError(f"unknown attention {attention!r}; expected 'xla' or 'cudnn'")
+        if layout is None:
+            layout = "bshd" if attention == "cudnn" else "bhsd"
+        if attention == "cudnn" and layout != "bshd":
+            raise ValueError("attention='cudnn' needs layout='bshd'")
+        if attention == "cudnn" and not (jnp.dtype(model.dtype) in half
+                                         and jnp.dtype(cache_dtype) == jnp.dtype(model.dtype)):
+            raise ValueError("attention='cudnn' needs a bf16 / f16 model with a cache of the same dtype, got "
+                             f"model {jnp.dtype(model.dtype).name}, cache {jnp.dtype(cache_dtype).name}")
+        if unroll < 1:
+            raise ValueError(f"unroll must be >= 1, got {unroll}")
+        forward.cache_shape(config, 1, 1, layout)  # validates layout
+        self.attention = attention
+        self.config = config
+        self.num_slots, self.max_len, self.layout = num_slots, max_len, layout
+        self.eos_ids = tuple(int(t) for t in eos_ids)
+        for t in self.eos_ids:
+            if not 0 <= t < config.vocab_size:
+                raise ValueError(f"eos id {t} outside the vocabulary [0, {config.vocab_size})")
+        self.stop_table = stops_lib.StopTable(stop_strings, tokenizer)
+        for alts in self.stop_table.alternatives:
+            for alt in alts:
+                if max(alt) >= config.vocab_size:
+                    raise ValueError(f"stop-string token id {max(alt)} outside the vocabulary")
+        buckets = sorted({min(int(b), max_len) for b in (prefill_buckets or default_buckets(max_len))}
+                         | {max_len})
+        if buckets[0] < 1:
+            raise ValueError(f"prefill_buckets must be positive, got {prefill_buckets}")
+        self.buckets = tuple(buckets)
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        graphdef, params = nnx.split(model)
+        self.params = params
+        self.dtype = jnp.dtype(model.dtype)
+        spec = _Spec(graphdef=graphdef, layout=layout, eos_ids=self.eos_ids,
+                     stop_table=tuple(tuple(map(tuple, a)) if a.ndim == 2 else tuple(a)
+                                      for a in (self.stop_table.table, self.stop_table.valid,
+                                                self.stop_table.owner)),
+                     key_impl=key_impl, seed=int(seed), attention=attention, unroll=int(unroll))
+        self._spec = spec
+        self._prefill = jax.jit(functools.partial(_prefill_impl, spec), static_argnames=("window",),
+                                donate_argnums=(1,))
+        self._decode = jax.jit(functools.partial(_decode_impl, spec),
+                               static_argnames=("width", "greedy_only", "candidates"), donate_argnums=(1,))
+        self._fork = jax.jit(functools.partial(_fork_impl, spec), donate_argnums=(0,))
+        self._release = jax.jit(_release_impl, donate_argnums=(0,))
+        self._rewind = jax.jit(functools.partial(_rewind_impl, spec), donate_argnums=(0,))
+        self.state = self._initial_state(key_impl)
+        # Host mirror: which slots are in use, their sampling settings, their lengths where known.
+        self._occupied = np.zeros(num_slots, bool)
+        self._sampling: list[SamplingParams | None] = [None] * num_slots
+        self._lengths = np.zeros(num_slots, np.int64)
+        self._lengths_known = np.ones(num_slots, bool)
+        self._version = 0
+        self._request_counter = itertools.count()
+        self._fork_counter = itertools.count()
+
+    def _initial_state(self, key_impl) -> EngineState:
+        c, s = self.config, self.num_slots
+        shape = forward.cache_shape(c, s, self.max_len, self.layout)
+        key = jax.random.key(0, impl=key_impl) if key_impl else jax.random.key(0)
+        key_data = jax.random.key_data(key)
+        return EngineState(
+            keys=tuple(jnp.zeros(shape, self.cache_dtype) for _ in range(c.num_layers)),
+            values=tuple(jnp.zeros(shape, self.cache_dtype) for _ in range(c.num_layers)),
+            lengths=jnp.zeros((s,), jnp.int32), hidden=jnp.zeros((s, c.hidden_size), self.dtype),
+            rng=jnp.zeros((s,) + key_data.shape, key_data.dtype),
+            history=jnp.full((s, self.stop_table.width), -1, jnp.int32),
+            running=jnp.zeros((s,), bool), reason=jnp.zeros((s,), jnp.int32),
+            stop_id=jnp.full((s,), -1, jnp.int32), limit=jnp.full((s,), self.max_len, jnp.int32),
+            temperature=jnp.ones((s,), jnp.float32), top_p=jnp.ones((s,), jnp.float32),
+            top_k=jnp.zeros((s,), jnp.int32), stops=jnp.zeros((s, max(1, len(self.stop_table))), bool),
+            eos_stop=jnp.ones((s,), bool))
+
+    # -- weights --
+
+    def set_weights(self, model_or_params) -> None:
+        """Replaces the weights (same structure, shapes and dtypes: nothing recompiles)."""
+        params = model_or_params if isinstance(model_or_params, nnx.State) else nnx.state(model_or_params)
+        old = jax.tree.map(lambda a: (a.shape, a.dtype), self.params)
+        new = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+        if jax.tree.structure(old) != jax.tree.structure(new) or old != new:
+            raise ValueError("set_weights: the new weights differ in structure, shape or dtype from the "
+                             "engine's model")
+        self.params = params
+
+    # -- slots --
+
+    @property
+    def occupied(self) -> np.ndarray:
+        """[S] bool copy: slots holding a sequence (prefilled and not released)."""
+        return self._occupied.copy()
+
+    def free_slots(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(~self._occupied)]
+
+    def lengths(self) -> np.ndarray:
+        """Current slot lengths (waits for queued device work)."""
+        lengths = np.asarray(jax.device_get(self.state.lengths)).astype(np.int64)
+        self._lengths[:] = lengths
+        self._lengths_known[:] = True
+        return lengths.copy()
+
+    def _learn_lengths(self, lengths: np.ndarray, version: int) -> None:
+        if version == self._version:
+            self._lengths[:] = lengths
+            self._lengths_known[:] = True
+
+    def _check_slots(self, slots, what: str) -> list[int]:
+        if isinstance(slots, (int, np.integer)):
+            slots = [slots]
+        slots = [int(s) for s in slots]
+        if len(slots) > self.num_slots:
+            raise ValueError(f"{what}: {len(slots)} slots requested but the engine has {self.num_slots}")
+        bad = [s for s in slots if not 0 <= s < self.num_slots]
+        if bad:
+            raise ValueError(f"{what}: slot ids {bad} out of range [0, {self.num_slots})")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"{what}: slot ids must be distinct, got {slots}")
+        return slots
+
+    def _row_bucket(self, n: int) -> int:
+        return min(_next_pow2(n), _next_pow2(self.num_slots))
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    @staticmethod
+    def _per_row(value, n: int, what: str) -> list:
+        if isinstance(value, (list, tuple)) and not isinstance(value, SamplingParams):
+            if len(value) != n:
+                raise ValueError(f"{what}: {len(value)} values for {n} slots")
+            return list(value)
+        return [value] * n
+
+    # -- the four operations --
+
+    def prefill(self, slots: Sequence[int] | int, chunks: Sequence[Sequence[int]], *,
+                sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                stops: Sequence[str] | None = None, max_length: int | Sequence[int] | None = None,
+                ignore_eos: bool | None = None, seed: int | Sequence[int] | None = None) -> None:
+        """Appends chunks[i] to slots[i] at its current length; the slot then runs at the next decode.
+
+        A free slot starts a new sequence (at length 0) with the given settings; defaults: SamplingParams(),
+        every registered stop string (stops=None), max_length = max_len, EOS stops it, a key from `seed` or
+        the engine's request counter. An occupied slot (normally one waiting after a stop) gets the tokens
+        appended (a tool result) and keeps each setting that is left as None. Bad input raises ValueError
+        before anything runs, so no slot changes.
+        """
+        slots = self._check_slots(slots, "prefill")
+        if isinstance(chunks, np.ndarray):
+            chunks = list(chunks)
+        if len(chunks) != len(slots):
+            raise ValueError(f"prefill: {len(chunks)} chunks for {len(slots)} slots")
+        if not slots:
+            return
+        chunks = [np.asarray(c, np.int64).reshape(-1) for c in chunks]
+        vocab = self.config.vocab_size
+        for s, c in zip(slots, chunks):
+            if c.size == 0:
+                raise ValueError(f"prefill: the chunk for slot {s} is empty")
+            if c.min() < 0 or c.max() >= vocab:
+                raise ValueError(f"prefill: the chunk for slot {s} has token ids outside [0, {vocab})")
+        n = len(slots)
+        fresh = ~self._occupied[slots]
+        params_list = self._per_row(sampling, n, "prefill sampling")
+        for p in params_list:
+            if p is not None and not isinstance(p, SamplingParams):
+                raise ValueError(f"prefill: sampling must be SamplingParams, got {type(p).__name__}")
+        limits = self._per_row(max_length, n, "prefill max_length")
+        seeds = self._per_row(seed, n, "prefill seed")
+        stop_mask = self.stop_table.mask(stops)  # raises on an unknown stop string
+        appended = [s for s, f in zip(slots, fresh) if not f]
+        if appended and not self._lengths_known[appended].all():
+            self.lengths()  # sync: the current lengths of appended-to slots are needed for the checks
+        sizes = np.array([c.size for c in chunks])
+        starts = np.where(fresh, 0, self._lengths[slots])
+        for i, s in enumerate(slots):
+            lim = limits[i]
+            if lim is not None and not 1 <= int(lim) <= self.max_len:
+                raise ValueError(f"prefill: max_length {lim} for slot {s} must be in [1, max_len={self.max_len}]")
+            if starts[i] + sizes[i] > self.max_len:
+                what = "prompt" if fresh[i] else f"chunk appended at length {starts[i]}"
+                raise ValueError(f"prefill: the {what} of {sizes[i]} tokens for slot {s} does not fit the "
+                                 f"engine's max_len={self.max_len}")
+            if fresh[i] and lim is not None and sizes[i] > int(lim):
+                raise ValueError(f"prefill: the prompt of {sizes[i]} tokens for slot {s} is longer than its "
+                                 f"max_length={lim}")
+        # Everything is valid: build the padded call.
+        rows_b = self._row_bucket(n)
+        width = self._bucket(int(sizes.max()))
+        window = self._bucket(int((starts + sizes).max()))
+        tokens = np.zeros((rows_b, width), np.int32)
+        for i, c in enumerate(chunks):
+            tokens[i, :c.size] = c
+
+        def pad(a, fill, dtype):
+            a = np.asarray(a, dtype)
+            return np.concatenate([a, np.full((rows_b - n,) + a.shape[1:], fill, dtype)])
+
+        def setting(given, value, fill, dtype):
+            return pad(fresh | np.asarray(given, bool), False, bool), pad(value, fill, dtype)
+
+        sp = [p if p is not None else SamplingParams() for p in params_list]
+        has_sp = [p is not None for p in params_list]
+        settings = {
+            "temperature": setting(has_sp, [p.temperature for p in sp], 1.0, np.float32),
+            "top_p": setting(has_sp, [p.top_p for p in sp], 1.0, np.float32),
+            "top_k": setting(has_sp, [p.top_k for p in sp], 0, np.int32),
+            "limit": setting([lim is not None for lim in limits],
+                             [self.max_len if lim is None else int(lim) for lim in limits], 0, np.int32),
+            "stops": setting([stops is not None] * n, np.broadcast_to(stop_mask, (n, stop_mask.size)),
+                             False, bool),
+            "eos_stop": setting([ignore_eos is not None] * n, [not ignore_eos] * n, True, bool),
+        }
+        seeds = [int(sd) if sd is not None else next(self._request_counter) for sd in seeds]
+        self.state = self._prefill(
+            self.params, self.state, tokens, pad(slots, self.num_slots, np.int32), pad(sizes, 0, np.int32),
+            pad(fresh, False, bool), pad(np.asarray(seeds, np.int64) % (2 ** 31), 0, np.int32), settings,
+            window=window)
+        for i, s in enumerate(slots):
+            if fresh[i] or has_sp[i]:
+                self._sampling[s] = sp[i]
+        self._occupied[slots] = True
+        self._lengths[slots] = starts + sizes
+        self._lengths_known[slots] = True
+        self._version += 1
+
+    def decode(self, max_steps: int, *, min_waiting: int = 1, wait_fraction: float = 0.0) -> DecodeResult:
+        """Samples for every running slot until `need` of them stop, none runs, or max_steps.
+
+        need = clip(max(min_waiting, ceil(wait_fraction * running)), 1, running): min_waiting=1 returns at
+        the first stop; wait_fraction=1.0 when every slot has stopped. Stopped slots idle (masked) until the
+        host appends to them (prefill) or releases them. The result's arrays are fetched on first use.
+        """
+        if max_steps < 1:
+            raise ValueError(f"decode: max_steps must be >= 1, got {max_steps}")
+        if not 0.0 <= wait_fraction <= 1.0:
+            raise ValueError(f"decode: wait_fraction must be in [0, 1], got {wait_fraction}")
+        self.state, out = self._decode(self.params, self.state, np.int32(max_steps), np.int32(min_waiting),
+                                       np.float32(wait_fraction), **self._decode_static(max_steps))
+        self._version += 1
+        self._lengths_known[self._occupied] = False
+        return DecodeResult(self, out, self._version)
+
+    def _decode_static(self, max_steps: int) -> dict:
+        greedy_only, candidates = sampling.sampling_mode(
+            [p for p, o in zip(self._sampling, self._occupied) if o and p is not None],
+            self.config.vocab_size)
+        return dict(width=max(8, _next_pow2(max_steps)), greedy_only=greedy_only, candidates=candidates)
+
+    def decode_hlo(self, max_steps: int = 16) -> str:
+        """Optimised HLO text of the decode executable `decode(max_steps)` would run now (no state change)."""
+        lowered = self._decode.lower(self.params, self.state, np.int32(max_steps), np.int32(1),
+                                     np.float32(0.0), **self._decode_static(max_steps))
+        return lowered.compile().as_text()
+
+    def cache_buffer_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's key (or value) buffer."""
+        return tuple(self.state.keys[0].shape)
+
+    def fork(self, src: int | Sequence[int], dst: int | Sequence[int], *, same_key: bool = False) -> None:
+        """Copies slot src[i] into the free slot dst[i] (all at once; sources are read before any write).
+
+        The child gets the parent's cache rows, length, pending next-token state, history, stop state and
+        settings. Its key is fold_in(parent key, fork counter), or the parent's own key with same_key=True
+        (then both continue identically).
+        """
+        src = [int(s) for s in ([src] if isinstance(src, (int, np.integer)) else src)]
+        bad = [s for s in src if not 0 <= s < self.num_slots]
+        if bad:
+            raise ValueError(f"fork: source slot ids {bad} out of range [0, {self.num_slots})")
+        dst = self._check_slots(dst, "fork dst")
+        if len(src) != len(dst):
+            raise ValueError(f"fork: {len(src)} sources for {len(dst)} destinations")
+        if not src:
+            return
+        not_occupied = [s for s in src if not self._occupied[s]]
+        if not_occupied:
+            raise ValueError(f"fork: source slots {not_occupied} hold no sequence")
+        busy = [d for d in dst if self._occupied[d]]
+        if busy:
+            raise ValueError(f"fork: destination slots {busy} are in use (release them first)")
+        n, p = len(src), self._row_bucket(len(src))
+        pad = lambda a, fill, dtype: np.concatenate([np.asarray(a, dtype), np.full(p - n, fill, dtype)])
+        ids = [next(self._fork_counter) % (2 ** 31) for _ in range(n)]
+        self.state = self._fork(self.state, pad(src, 0, np.int32), pad(dst, self.num_slots, np.int32),
+                                pad([same_key] * n, True, bool), pad(ids, 0, np.int32))
+        for s, d in zip(src, dst):
+            self._occupied[d] = True
+            self._sampling[d] = self._sampling[s]
+            self._lengths[d] = self._lengths[s]
+            self._lengths_known[d] = self._lengths_known[s]
+        self._version += 1
+
+    def rewind(self, slots: int | Sequence[int], lengths: int | Sequence[int], *,
+               seed: int | Sequence[int]) -> None:
+        """Cuts occupied slots back to their first `lengths` positions; each then idles until a prefill.
+
+        The slot's key becomes the one a fresh request with `seed` gets, so a branch's randomness depends
+        on its seed only (not on how many forks came before). Typical use (a branch restarting right after
+        a tool result at position L): fork(parent, child); rewind(child, L - 1, seed=s); prefill(child,
+        [token L - 1]) recomputes the next-token state from the cached prefix.
+        """
+        slots = self._check_slots(slots, "rewind")
+        lengths = [int(n) for n in np.broadcast_to(np.asarray(lengths), (len(slots),))]
+        seeds = [int(x) for x in np.broadcast_to(np.asarray(seed), (len(slots),))]
+        free = [s for s in slots if not self._occupied[s]]
+        if free:
+            raise ValueError(f"rewind: slots {free} hold no sequence")
+        bad = [(s, n) for s, n in zip(slots, lengths)
+               if n < 1 or (self._lengths_known[s] and n > self._lengths[s]) or n > self.max_len]
+        if bad:
+            raise ValueError(f"rewind: lengths must be in [1, current length]; got (slot, length) {bad}")
+        p = self._row_bucket(len(slots))
+        pad = lambda a, fill: np.concatenate([np.asarray(a, np.int32), np.full(p - len(a), fill, np.int32)])
+        self.state = self._rewind(self.state, pad(slots, self.num_slots), pad(lengths, 0), pad(seeds, 0))
+        for s, n in zip(slots, lengths):
+            self._lengths[s], self._lengths_known[s] = n, True
+        self._version += 1
+
+    def release(self, slots: int | Sequence[int]) -> None:
+        """Frees slots (releasing a free slot is a no-op)."""
+        slots = self._check_slots(slots, "release")
+        if not slots:
+            return
+        p = self._row_bucket(len(slots))
+        rows = np.concatenate([np.asarray(slots, np.int32), np.full(p - len(slots), self.num_slots, np.int32)])
+        self.state = self._release(self.state, rows)
+        self._occupied[slots] = False
+        self._lengths[slots] = 0
+        self._lengths_known[slots] = True
+        for s in slots:
+            self._sampling[s] = None
+        self._version += 1
+
+    # -- convenience --
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 stops: Sequence[str] | None = (), ignore_eos: bool = False,
+                 seed: int | Sequence[int] | None = None) -> list[Generation]:
+        """Completes each prompt in its own free slot (all at once) and frees the slots again.
+
+        Stops at EOS, at the stop strings named in `stops` (default none; None = all registered) or after
+        max_new_tokens (or max_len). Needs an engine with no other occupied slot (they would decode too).
+        """
+        prompts = [list(p) for p in prompts]
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self._occupied.any():
+            raise ValueError(f"generate: slots {np.flatnonzero(self._occupied).tolist()} are in use; "
+                             "generate needs an engine with no occupied slot")
+        if len(prompts) > self.num_slots:
+            raise ValueError(f"generate: {len(prompts)} prompts but the engine has {self.num_slots} slots")
+        if not prompts:
+            return []
+        for i, p in enumerate(prompts):
+            if len(p) > self.max_len:
+                raise ValueError(f"generate: prompt {i} has {len(p)} tokens, more than max_len={self.max_len}")
+        slots = list(range(len(prompts)))
+        limits = [min(self.max_len, max(len(p), 1) + max_new_tokens) for p in prompts]
+        self.prefill(slots, prompts, sampling=sampling, stops=stops, max_length=limits,
+                     ignore_eos=ignore_eos, seed=seed)
+        try:
+            tokens = [[] for _ in slots]
+            logps = [[] for _ in slots]
+            ents = [[] for _ in slots]
+            reasons: list[str | None] = [None] * len(slots)
+            while any(r is None for r in reasons):
+                res = self.decode(max_new_tokens, wait_fraction=1.0).fetch()
+                for i, s in enumerate(slots):
+                    tokens[i].extend(res.new_tokens(s).tolist())
+                    logps[i].extend(res.new_logprobs(s).tolist())
+                    ents[i].extend(res.new_entropies(s).tolist())
+                    reasons[i] = res.finish_reason(s)
+            return [Generation(t, np.asarray(lp, np.float32), np.asarray(e, np.float32), r)
+                    for t, lp, e, r in zip(tokens, logps, ents, reasons)]
+        finally:
+            self.release(slots)

@@ -1,0 +1,162 @@
+"""The Qwen3 forward pass over the engine's slot cache: chunk prefill and one-token decode.
+
+The engine owns its KV-cache layout, so it runs the model's own sub-modules (`embed_tokens`, each
+`DecoderLayer`'s norms / projections / MLP, `norm`) around an attention written here. The arithmetic is
+`DecoderLayer.__call__` line for line; only where keys and values live differs:
+
+  layout "bshd": per layer [slots, max_len, kv_heads, head_dim]  (the layout of `qwen3.KVCache`)
+  layout "bhsd": per layer [slots, kv_heads, max_len, head_dim]  (head-major: each (slot, head) is one
+                 contiguous [max_len, head_dim] matrix, the batch-matmul operand layout of the decode step)
+
+A decode step scatters one key / value row per running slot and attends in place (no gather, no copy):
+  "xla" attention  einsums over the whole max_len with a position mask. With "bhsd" the batch dimensions
+                   of both matmuls are the buffer's leading dimensions; with "bshd" XLA:GPU transposes
+                   every layer's cache every step (measured: 112 cache-sized transposes in the loop).
+  "cudnn"          `jax.nn.dot_product_attention(implementation="cudnn")` on the "bshd" buffer (its BTNH
+                   layout) with per-slot key lengths, so each slot reads only its valid prefix.
+A prefill gathers only the rows it appends to, up to a static key window, and uses the einsum attention
+(its queries start at each slot's own offset, which cuDNN's top-left causal mask cannot express).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LAYOUTS = ("bshd", "bhsd")
+_F32 = jnp.float32
+
+
+def cache_shape(config, num_slots: int, max_len: int, layout: str) -> tuple[int, ...]:
+    """Shape of one layer's key (or value) buffer."""
+    if layout == "bshd":
+        return (num_slots, max_len, config.num_kv_heads, config.head_dim)
+    if layout == "bhsd":
+        return (num_slots, config.num_kv_heads, max_len, config.head_dim)
+    raise ValueError(f"unknown KV-cache layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _seq_axis(layout: str) -> int:
+    return 1 if layout == "bshd" else 2
+
+
+def write_kv(buf: Array, rows: Array, positions: Array, kv: Array, layout: str) -> Array:
+    """Scatters kv [B, T, K, D] into buf at (rows[b], positions[b, t]); out-of-range indices are dropped."""
+    kv = kv.astype(buf.dtype)
+    if layout == "bshd":
+        return buf.at[rows[:, None], positions].set(kv, mode="drop")
+    # Advanced indices separated by a slice put the broadcast [B, T] dimensions first: [B, T, K, D].
+    return buf.at[rows[:, None], :, positions].set(kv, mode="drop")
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, layout: str, scale: float) -> Array:
+    """softmax(q k^T * scale + mask) v with grouped-query heads.
+
+    q: [B, T, N, D]; k, v: [B, S, K, D] ("bshd") or [B, K, S, D] ("bhsd"); mask: [B, T, S] (True =
+    attend). Scores and softmax in float32, as `jax.nn.dot_product_attention`; returns [B, T, N, D].
+    """
+    b, t, n, d = q.shape
+    kh = k.shape[2] if layout == "bshd" else k.shape[1]
+    dtype = q.dtype
+    # XLA:CPU has no batched bf16 x bf16 -> f32 matmul for some operand layouts; compute those in f32 there.
+    op_dtype = _F32 if jax.default_backend() == "cpu" and dtype == jnp.bfloat16 else dtype
+    qg = q.reshape(b, t, kh, n // kh, d).astype(op_dtype)
+    kv_spec = "bskd" if layout == "bshd" else "bksd"
+    scores = jnp.einsum(f"btkgd,{kv_spec}->bkgts", qg, k.astype(op_dtype), preferred_element_type=_F32)
+    scores = jnp.where(mask[:, None, None], scores * scale, jnp.finfo(_F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(op_dtype)
+    out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v.astype(op_dtype), preferred_element_type=_F32)
+    return out.astype(dtype).reshape(b, t, n, d)
+
+
+def logits(model, hidden: Array) -> Array:
+    """float32 logits [S, V] of hidden [S, H]; a tied head contracts with the embedding directly (no
+    transposed copy of the [V, H] matrix)."""
+    if model.lm_head is None:
+        emb = model.embed_tokens.embedding[...]
+        return jax.lax.dot_general(hidden, emb.astype(hidden.dtype), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=_F32)
+    return jnp.dot(hidden, model.lm_head_kernel().astype(hidden.dtype), preferred_element_type=_F32)
+
+
+def _layer(layer, x: Array, positions: Array, attend) -> tuple[Array, tuple[Array, Array]]:
+    """`DecoderLayer.__call__` with the attention supplied by `attend(q, k, v) -> (out, aux)`."""
+    q, k, v = layer.self_attn.project(layer.input_layernorm(x), positions)
+    out, aux = attend(q, k, v)
+    x = x + layer.self_attn.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x)), aux
+
+
+def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array, layout: str,
+                impl: str = "xla"):
+    """One token for every slot of the pool: embeds tokens [S] at positions `lengths` [S].
+
+    Rows with write=False are computed but neither written to the cache nor meant to be used. Returns the
+    final normed hidden states [S, H] and the new per-layer key / value buffers. impl "xla" attends to the
+    whole cache with a position mask; "cudnn" ("bshd" only) calls cuDNN's fused attention through
+    `jax.nn.dot_product_attention` with per-slot key lengths, which reads only each slot's valid prefix.
+    """
+    num_slots = tokens.shape[0]
+    max_len = keys[0].shape[_seq_axis(layout)]
+    rows = jnp.arange(num_slots, dtype=jnp.int32)
+    positions = lengths[:, None]
+    write_pos = jnp.where(write, lengths, max_len)[:, None]
+    mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+    kv_lengths = jnp.minimum(lengths + 1, max_len).astype(jnp.int32)
+    scale = model.config.head_dim ** -0.5
+    if impl == "cudnn" and layout != "bshd":
+        raise ValueError("cuDNN decode attention needs the 'bshd' cache layout")
+    x = model.embed_tokens(tokens[:, None])
+    new_keys, new_values = [], []
+    for layer, layer_k, layer_v in zip(model.layers, keys, values):
+        def attend(q, k, v, layer_k=layer_k, layer_v=layer_v):
+            layer_k = write_kv(layer_k, rows, write_pos, k, layout)
+            layer_v = write_kv(layer_v, rows, write_pos, v, layout)
+            if impl == "cudnn":
+                out = jax.nn.dot_product_attention(q, layer_k.astype(q.dtype), layer_v.astype(q.dtype),
+                                                   scale=scale, key_value_seq_lengths=kv_lengths,
+                                                   implementation="cudnn")
+                return out, (layer_k, layer_v)
+            return attention(q, layer_k, layer_v, mask, layout, scale), (layer_k, layer_v)
+        x, (layer_k, layer_v) = _layer(layer, x, positions, attend)
+        new_keys.append(layer_k)
+        new_values.append(layer_v)
+    return model.norm(x)[:, 0], tuple(new_keys), tuple(new_values)
+
+
+def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array, num_new: Array,
+                  layout: str, window: int):
+    """Appends chunks tokens [R, T] (row r: num_new[r] real tokens, then padding) to slots `rows` [R].
+
+    Real token t of row r is written at position starts[r] + t. Rows whose slot index is out of range
+    (padding rows) and padding tokens are not written. Queries attend to the first `window` positions of
+    their slot (static; the caller guarantees starts + num_new <= window). Returns the hidden state [R, H]
+    of each row's last real token and the new key / value buffers.
+    """
+    r, t = tokens.shape
+    max_len = keys[0].shape[_seq_axis(layout)]
+    offsets = jnp.arange(t, dtype=jnp.int32)
+    positions = starts[:, None] + offsets
+    write_pos = jnp.where(offsets[None, :] < num_new[:, None], positions, max_len)
+    mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+    scale = model.config.head_dim ** -0.5
+
+    def rows_window(buf):
+        taken = jnp.take(buf, rows, axis=0, mode="clip")
+        return taken[:, :window] if layout == "bshd" else taken[:, :, :window]
+
+    x = model.embed_tokens(tokens)
+    new_keys, new_values = [], []
+    for layer, layer_k, layer_v in zip(model.layers, keys, values):
+        def attend(q, k, v, layer_k=layer_k, layer_v=layer_v):
+            layer_k = write_kv(layer_k, rows, write_pos, k, layout)
+            layer_v = write_kv(layer_v, rows, write_pos, v, layout)
+            out = attention(q, rows_window(layer_k), rows_window(layer_v), mask, layout, scale)
+            return out, (layer_k, layer_v)
+        x, (layer_k, layer_v) = _layer(layer, x, positions, attend)
+        new_keys.append(layer_k)
+        new_values.append(layer_v)
+    last = jnp.maximum(num_new - 1, 0)
+    hidden = model.norm(x[jnp.arange(r), last][:, None])[:, 0]
+    return hidden, tuple(new_keys), tuple(new_values)

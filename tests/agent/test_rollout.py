@@ -1,0 +1,134 @@
+"""End-to-end rollouts with the real engine, real tools and a scripted (bigram) Qwen3 policy."""
+
+import concurrent.futures
+import math
+
+import numpy as np
+import pytest
+
+from aepo_jax.agent import rollout as rollout_lib
+from aepo_jax.agent.parsing import result_block
+from aepo_jax.agent.tools import PythonTool, SearchTool
+from aepo_jax.core import rollout_math
+from aepo_jax.data.rewards import f1_format_reward
+from aepo_jax.engine import Engine
+from tests.agent import scripted
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rollout")
+    tok = scripted.tokenizer(tmp / "tok")
+    corpus = scripted.write_corpus(tmp / "corpus.jsonl")
+    tools = {"search": SearchTool(corpus=str(corpus), top_k=1), "python": PythonTool(timeout_s=3)}
+    executor = concurrent.futures.ThreadPoolExecutor(4)
+    yield tok, tools, executor
+    executor.shutdown()
+
+
+def _engine(tok, slots, succ=None, max_len=96):
+    return Engine(scripted.model(succ=succ), num_slots=slots, max_len=max_len, eos_ids=[tok.eos_id],
+                  stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=tok, seed=0)
+
+
+def _run(world, scheduler, questions=2, k=4, m=2, slots=None, seed=0, engine=None, **kw):
+    tok, tools, executor = world
+    engine = engine or _engine(tok, slots or questions * k)
+    config = rollout_lib.RolloutConfig(scheduler=scheduler, group_size=k, initial_rollouts=m,
+                                       entropy_window=4, decode_chunk=8, max_response_tokens=60, **kw)
+    prompts = [tok.encode("Q")] * questions
+    return rollout_lib.rollout(engine, tok, tools, prompts, config, executor=executor, seed=seed)
+
+
+def test_tool_result_is_appended_masked_and_answer_scored(world):
+    tok, tools, _ = world
+    result = _run(world, "grpo", questions=2, k=3)
+    assert [len(g) for g in result.groups] == [3, 3]
+    for traj in (t for g in result.groups for t in g):
+        assert traj.finish_reason == "eos"
+        (call,) = traj.tool_calls
+        assert (call.tag, call.payload, call.ok) == ("search", "bralo", True)
+        assert "Bralo is in Paris." in call.result
+        block = tok.encode(result_block(call.result))
+        start = call.position
+        assert traj.response[start:start + len(block)] == block
+        assert traj.mask[start:start + len(block)] == [0] * len(block)
+        assert sum(traj.mask) == len(traj.mask) - len(block)  # everything else was sampled
+        assert all(lp == 0.0 for lp, mk in zip(traj.logprobs, traj.mask) if not mk)
+        assert all(-1.0 < lp <= 0.0 for lp, mk in zip(traj.logprobs, traj.mask) if mk)
+        text = tok.decode(traj.response, skip_special_tokens=True)
+        reward = f1_format_reward(text, ["Paris"])
+        assert reward.format_ok and reward.score == 1.0, (text, reward)
+    assert result.metrics["rollout/tool_calls_per_traj"] == 1.0
+
+
+@pytest.mark.parametrize("scheduler", ["grpo", "arpo", "aepo"])
+def test_schedulers_return_exactly_k_and_branches_share_prefixes(world, scheduler):
+    result = _run(world, scheduler, questions=3, k=5, m=2)
+    assert [len(g) for g in result.groups] == [5, 5, 5]
+    for group in result.groups:
+        for traj in group:
+            if traj.parent < 0:
+                assert traj.branch_point == 0
+                continue
+            parent = group[traj.parent]
+            bp = traj.branch_point
+            assert traj.response[:bp] == parent.response[:bp]
+            assert traj.mask[:bp] == parent.mask[:bp]
+            assert traj.logprobs[:bp] == parent.logprobs[:bp]
+            # a branch starts right after a tool result
+            assert traj.mask[bp - 1] == 0 and traj.response[bp - 1] == parent.response[bp - 1]
+            assert traj.finish_reason == "eos" and traj.tool_calls == parent.tool_calls[:1]
+    if scheduler == "grpo":
+        assert not result.decisions and all(t.parent < 0 for g in result.groups for t in g)
+
+
+def test_same_seed_same_rollout(world):
+    a, b = (_run(world, "aepo", questions=2, k=4, seed=3) for _ in range(2))
+    for ga, gb in zip(a.groups, b.groups):
+        assert [(t.response, t.parent, t.branch_point) for t in ga] == \
+               [(t.response, t.parent, t.branch_point) for t in gb]
+    assert a.decisions == b.decisions
+
+
+@pytest.mark.parametrize("scheduler,lam", [("arpo", 0.0), ("aepo", 0.05)])
+def test_branching_frequency_follows_the_formula(world, scheduler, lam):
+    """Observed branches vs the sum over decisions of P(branch | dH, l) from the spec's formula."""
+    result = _run(world, scheduler, questions=40, k=6, m=4, pre_monitor=False, branch_lambda=lam)
+    decisions = result.decisions
+    assert len(decisions) >= 100
+    u = (np.arange(20_000) + 0.5) / 20_000  # quadrature over u ~ U(0, 1)
+    probs = [float(np.mean(rollout_math.should_branch(u, dh, l, gamma=0.2, lam=lam, tau=0.5)))
+             for dh, l, _ in decisions]
+    expected, observed = sum(probs), sum(b for _, _, b in decisions)
+    sd = math.sqrt(sum(p * (1 - p) for p in probs))
+    assert abs(observed - expected) <= 3 * sd, (observed, expected, sd)
+    assert result.metrics["rollout/branches_per_question"] == observed / 40
+
+
+def test_limits_end_trajectories(world):
+    tok, _, _ = world
+    loop = scripted.successors({"</result>": "<search>"})  # searches forever
+    result = _run(world, "grpo", questions=1, k=2, engine=_engine(tok, 2, succ=loop), max_tool_calls=3)
+    for traj in result.groups[0]:
+        assert traj.finish_reason == "max_tool_calls" and len(traj.tool_calls) == 3
+    result = _run(world, "grpo", questions=1, k=2, engine=_engine(tok, 2, succ=loop), max_tool_calls=50)
+    for traj in result.groups[0]:
+        assert traj.finish_reason == "length" and len(traj.response) <= 60
+    assert result.metrics["rollout/truncation_rate"] == 1.0
+
+
+def test_tool_failure_becomes_the_result_and_the_rollout_goes_on(world):
+    tok, _, _ = world
+    python = scripted.successors({"</think>": "<python>", "<python>": "bralo", "bralo": "</python>"})
+    result = _run(world, "grpo", questions=1, k=2, engine=_engine(tok, 2, succ=python))
+    for traj in result.groups[0]:
+        (call,) = traj.tool_calls
+        assert call.tag == "python" and not call.ok and "NameError" in call.result
+        assert traj.finish_reason == "eos"
+    assert result.metrics["rollout/tool_errors"] == 2.0
+
+
+def test_fewer_slots_than_trajectories_still_gives_k(world):
+    result = _run(world, "aepo", questions=3, k=4, slots=5)
+    assert [len(g) for g in result.groups] == [4, 4, 4]

@@ -1,0 +1,454 @@
+"""The sampling engine on a tiny random HF Qwen3 (float32 model and cache unless stated; CPU).
+
+One module-scoped engine serves most tests (few compilations); every test frees its slots at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from aepo_jax.engine import Engine, SamplingParams, hlo
+from aepo_jax.models import qwen3
+from tests.reference import write_hf_qwen3
+
+NUM_SLOTS, MAX_LEN, WIDTH = 6, 64, 64  # WIDTH: the padded length of the reference full forward
+PROBE = [11, 42, 7, 93, 5, 60, 21]
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Counts XLA backend compilations (jax.monitoring's compile-duration event, jax 0.10 and 0.11)."""
+    events = []
+
+    def listener(name, *args, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+class Reference:
+    """Uncached full forward of the same model: every sequence right-padded to WIDTH, one compilation."""
+
+    def __init__(self, model):
+        self.model = model
+        self._logits = jax.jit(lambda m, ids, mask: m(ids, attention_mask=mask))
+
+    def logits(self, seq) -> np.ndarray:
+        """Float64 logits [len(seq), V] of one sequence."""
+        ids = np.zeros((1, WIDTH), np.int32)
+        mask = np.zeros((1, WIDTH), np.int32)
+        ids[0, :len(seq)] = seq
+        mask[0, :len(seq)] = 1
+        return np.asarray(self._logits(self.model, ids, mask), np.float64)[0, :len(seq)]
+
+    def greedy(self, prompt, steps) -> list[int]:
+        seq = list(prompt)
+        for _ in range(steps):
+            seq.append(int(np.argmax(self.logits(seq)[-1])))
+        return seq[len(prompt):]
+
+
+def _first_new_at(seq, start):
+    """Smallest i >= start such that seq[i] does not occur in seq[:i]."""
+    return next(i for i in range(start, len(seq)) if seq[i] not in seq[:i])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    hf = write_hf_qwen3(path, seed=3)
+    model = qwen3.load_pretrained(path)
+    ref = Reference(model)
+    probe = ref.greedy(PROBE, 16)
+    # EOS = a token the probe's greedy continuation first produces at step >= 8; a two-token stop string
+    # = the continuation's tokens 3..4 (first produced there).
+    eos_at = _first_new_at(probe, 8)
+    stop_at = _first_new_at(probe, 4)
+    stop = probe[stop_at - 1:stop_at + 1]
+    engine = Engine(model, num_slots=NUM_SLOTS, max_len=MAX_LEN, cache_dtype=jnp.float32,
+                    eos_ids=[probe[eos_at]], prefill_buckets=(8, 32),
+                    stop_strings={"</search>": [stop, [96, 95, 94]], "</python>": [[1, 2, 3, 4]]})
+    return dict(hf=hf, model=model, ref=ref, engine=engine, probe=probe, eos_at=eos_at, stop_at=stop_at)
+
+
+@pytest.fixture
+def env(setup):
+    yield setup
+    engine = setup["engine"]
+    engine.release([s for s in range(NUM_SLOTS) if engine.occupied[s]])
+
+
+def _prompts(seed, lengths, vocab=97):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
+
+
+# ------------------------------------------------------------------------------------------- greedy
+
+
+def test_greedy_matches_uncached_forward_and_transformers_generate(env):
+    engine, ref, hf = env["engine"], env["ref"], env["hf"]
+    prompts = _prompts(0, (5, 9, 7))
+    steps = 24
+    out = engine.generate(prompts, max_new_tokens=steps, sampling=SamplingParams.greedy(), ignore_eos=True)
+    assert [g.finish_reason for g in out] == ["length"] * 3
+    for p, g in zip(prompts, out):
+        assert len(g.tokens) == steps
+        logits = ref.logits(p + g.tokens)
+        # every step is the argmax of the uncached full forward over the sequence so far
+        np.testing.assert_array_equal(np.argmax(logits[len(p) - 1:-1], axis=-1), g.tokens)
+        # recorded log-probs / entropies (T = 1 for greedy) are those of the full forward
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        np.testing.assert_allclose(g.logprobs, logp[np.arange(len(p) - 1, len(p) + steps - 1), g.tokens],
+                                   atol=2e-4)
+        ent = -(np.exp(logp) * logp).sum(-1)[len(p) - 1:-1]
+        np.testing.assert_allclose(g.entropies, ent, atol=2e-4)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                               do_sample=False, pad_token_id=0)[:, width:].numpy()
+    np.testing.assert_array_equal(np.array([g.tokens for g in out]), expected)
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+
+def _dense(logits, temperature):
+    z = logits / temperature
+    logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+    return logp, -(np.exp(logp) * logp).sum(-1)
+
+
+def test_sampled_logprobs_and_entropies_match_training_forward(env):
+    engine, ref, model = env["engine"], env["ref"], env["model"]
+    prompts = _prompts(1, (6, 8))
+    temps = [0.7, 1.3]
+    out = engine.generate(prompts, max_new_tokens=20, ignore_eos=True, seed=[5, 6],
+                          sampling=[SamplingParams(temperature=t) for t in temps])
+    for p, g, t in zip(prompts, out, temps):
+        pos = np.arange(len(p) - 1, len(p) + len(g.tokens) - 1)
+        logp, ent = _dense(ref.logits(p + g.tokens)[pos], t)
+        np.testing.assert_allclose(g.logprobs, logp[np.arange(len(pos)), g.tokens], atol=2e-4)
+        np.testing.assert_allclose(g.entropies, ent, atol=2e-4)
+        assert len(set(g.tokens)) > 3  # really sampled
+    # The trainer's vocab-chunked function gives the same numbers (when the core module is present).
+    try:
+        from aepo_jax.core.logprobs import token_logprobs_and_entropy
+    except ImportError:
+        return
+    p, g, t = prompts[0], out[0], temps[0]
+    seq = jnp.asarray([p + g.tokens])
+    hidden = model.hidden_states(seq)[:, len(p) - 1:-1]
+    core_logp, core_ent = token_logprobs_and_entropy(hidden, model.lm_head_kernel(), jnp.asarray([g.tokens]),
+                                                     temperature=t, chunk_size=32)
+    np.testing.assert_allclose(g.logprobs, np.asarray(core_logp)[0], atol=2e-4)
+    np.testing.assert_allclose(g.entropies, np.asarray(core_ent)[0], atol=2e-4)
+
+
+def test_bf16_engine_stays_close_to_the_float32_forward(env, tmp_path):
+    write_hf_qwen3(tmp_path, seed=3)  # the module's checkpoint again
+    bf16 = qwen3.load_pretrained(tmp_path, dtype=jnp.bfloat16)
+    engine = Engine(bf16, num_slots=2, max_len=32, prefill_buckets=(8,))
+    prompt = _prompts(2, (7,))[0]
+    g = engine.generate([prompt], max_new_tokens=12, sampling=SamplingParams(temperature=1.0), ignore_eos=True,
+                        seed=3)[0]
+    logp, ent = _dense(env["ref"].logits(prompt + g.tokens)[len(prompt) - 1:-1], 1.0)
+    np.testing.assert_allclose(g.logprobs, logp[np.arange(12), g.tokens], atol=0.15)
+    np.testing.assert_allclose(g.entropies, ent, atol=0.1)
+
+
+def test_sampling_distribution_top_k_top_p():
+    from aepo_jax.engine import sampling
+
+    logits = jnp.log(jnp.array([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]], jnp.float32))
+    n = 20_000
+    keys = jax.random.split(jax.random.key(0), n)
+    rows = jnp.repeat(logits, n, axis=0)
+
+    def freq(temperature, top_k, top_p, candidates):
+        tok, logp, ent = jax.jit(sampling.sample, static_argnames=("greedy_only", "candidates"))(
+            rows, jnp.full((n,), temperature), jnp.full((n,), top_k, jnp.int32), jnp.full((n,), top_p), keys,
+            greedy_only=False, candidates=candidates)
+        p = np.exp(np.asarray(logits[0]) / temperature)
+        p /= p.sum()
+        np.testing.assert_allclose(np.exp(np.asarray(logp)), p[np.asarray(tok)], rtol=1e-5)
+        np.testing.assert_allclose(ent, -(p * np.log(p)).sum(), rtol=1e-5)
+        return np.bincount(np.asarray(tok), minlength=6) / n
+
+    p = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    np.testing.assert_allclose(freq(1.0, 0, 1.0, 0), p, atol=0.015)
+    # top-k 3: renormalised over the 3 largest
+    np.testing.assert_allclose(freq(1.0, 3, 1.0, 4), np.r_[p[:3] / p[:3].sum(), 0, 0, 0], atol=0.015)
+    # top-p 0.7: the smallest prefix with mass >= 0.7 is {0, 1, 2} (0.8); full sort (candidates = V)
+    np.testing.assert_allclose(freq(1.0, 0, 0.7, 6), np.r_[p[:3] / p[:3].sum(), 0, 0, 0], atol=0.015)
+    # top-k 4 then top-p 0.5 over the renormalised top 4 (0.4/0.9 = 0.44 < 0.5 -> keep 2)
+    np.testing.assert_allclose(freq(1.0, 4, 0.5, 4), np.r_[p[:2] / p[:2].sum(), 0, 0, 0, 0], atol=0.015)
+    # temperature sharpens
+    q = p ** 2 / (p ** 2).sum()
+    np.testing.assert_allclose(freq(0.5, 0, 1.0, 0), q, atol=0.015)
+    x = jax.random.normal(jax.random.key(1), (3, 5000))
+    for k in (1, 32):
+        np.testing.assert_array_equal(sampling.block_top_k(x, k)[0], jax.lax.top_k(x, k)[0])
+        np.testing.assert_array_equal(sampling.block_top_k(x, k)[1], jax.lax.top_k(x, k)[1])
+    assert sampling.sampling_mode([SamplingParams(temperature=0.6, top_p=0.95, top_k=20)], 97) == (False, 32)
+    assert sampling.sampling_mode([SamplingParams(top_p=0.9)], 97) == (False, 97)
+    assert sampling.sampling_mode([SamplingParams.greedy()], 97) == (True, 0)
+    assert sampling.sampling_mode([SamplingParams(), SamplingParams.greedy()], 97) == (False, 0)
+
+
+def test_top_k_one_is_greedy(env):
+    engine = env["engine"]
+    prompt = _prompts(3, (6,))[0]
+    greedy = engine.generate([prompt], max_new_tokens=10, sampling=SamplingParams.greedy(), ignore_eos=True)[0]
+    top1 = engine.generate([prompt], max_new_tokens=10, sampling=SamplingParams(temperature=1.0, top_k=1),
+                           ignore_eos=True)[0]
+    assert top1.tokens == greedy.tokens
+
+
+# ------------------------------------------------------------------------------- fork and tool turns
+
+
+def test_fork_same_key_reproduces_and_new_key_diverges(env):
+    engine = env["engine"]
+    prompt = _prompts(4, (7,))[0]
+    engine.prefill([0], [prompt], sampling=SamplingParams(temperature=1.0), stops=[], ignore_eos=True, seed=11)
+    first = engine.decode(3)
+    assert first.counts[0] == 3
+    engine.fork(0, 3, same_key=True)
+    engine.fork([0, 0], [4, 5])          # two children with their own keys
+    assert engine.occupied[[0, 3, 4, 5]].all()
+    res = engine.decode(16, wait_fraction=1.0)
+    np.testing.assert_array_equal(res.counts[[0, 3, 4, 5]], 16)
+    parent = res.new_tokens(0)
+    np.testing.assert_array_equal(res.new_tokens(3), parent)
+    np.testing.assert_array_equal(res.new_logprobs(3), res.new_logprobs(0))
+    assert not np.array_equal(res.new_tokens(4), parent)
+    assert not np.array_equal(res.new_tokens(5), parent)
+    assert not np.array_equal(res.new_tokens(4), res.new_tokens(5))
+    np.testing.assert_array_equal(engine.lengths()[[0, 3, 4, 5]], len(prompt) + 19)
+
+
+def test_fork_rewind_restarts_a_branch_like_a_fresh_request(env):
+    """fork + rewind(L - 1, seed) + prefill(token L - 1) == a fresh request of the first L tokens."""
+    engine = env["engine"]
+    prompt = _prompts(5, (6,))[0]
+    sampling = SamplingParams(temperature=1.0)
+    engine.prefill([0], [prompt], sampling=sampling, stops=[], ignore_eos=True, seed=21)
+    parent = engine.decode(5, wait_fraction=1.0).new_tokens(0).tolist()
+    prefix = prompt + parent[:3]                          # branch after the parent's third new token
+    engine.fork(0, 1)
+    engine.rewind(1, len(prefix) - 1, seed=33)
+    engine.prefill([1], [prefix[-1:]])
+    engine.prefill([2], [prefix], sampling=sampling, stops=[], ignore_eos=True, seed=33)
+    res = engine.decode(8, wait_fraction=1.0)
+    np.testing.assert_array_equal(res.new_tokens(1), res.new_tokens(2))
+    np.testing.assert_allclose(res.new_logprobs(1), res.new_logprobs(2), atol=1e-5)
+    np.testing.assert_array_equal(engine.lengths()[[1, 2]], len(prefix) + 8)
+    with pytest.raises(ValueError, match="rewind: lengths must be in"):
+        engine.rewind(1, 10_000, seed=0)
+    with pytest.raises(ValueError, match="hold no sequence"):
+        engine.rewind(5, 1, seed=0)
+
+
+def test_stop_string_then_tool_result_equals_decoding_the_concatenation(env):
+    engine, ref, probe, stop_at = env["engine"], env["ref"], env["probe"], env["stop_at"]
+    engine.prefill([1], [PROBE], sampling=SamplingParams.greedy())   # every stop string, EOS on
+    res = engine.decode(32)
+    # The two-token stop string (probe[stop_at - 1 : stop_at + 1]) ends the turn, both tokens included.
+    assert res.stopped_slots() == [1] and res.finish_reason(1) == "</search>"
+    np.testing.assert_array_equal(res.new_tokens(1), probe[:stop_at + 1])
+    turn1 = res.new_tokens(1).tolist()
+    result = [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]                   # " <result>...</result>"
+    engine.prefill([1], [result])
+    res2 = engine.decode(10, wait_fraction=1.0)
+    # the same continuation from one prefill of the concatenated sequence, in another slot
+    engine.prefill([2], [PROBE + turn1 + result], sampling=SamplingParams.greedy(), stops=["</python>"])
+    res3 = engine.decode(10, wait_fraction=1.0)
+    n = min(res2.counts[1], res3.counts[2])
+    assert n >= 3
+    np.testing.assert_array_equal(res2.new_tokens(1)[:n], res3.new_tokens(2)[:n])
+    np.testing.assert_allclose(res2.new_logprobs(1)[:n], res3.new_logprobs(2)[:n], atol=1e-5)
+    full = PROBE + turn1 + result
+    np.testing.assert_array_equal(res2.new_tokens(1)[:n], ref.greedy(full, n))
+
+
+def test_eos_and_max_len_stop_cleanly(env):
+    engine, probe, eos_at = env["engine"], env["probe"], env["eos_at"]
+    # EOS (stop strings off): the EOS token is the last new token.
+    engine.prefill([0], [PROBE], sampling=SamplingParams.greedy(), stops=[])
+    res = engine.decode(32)
+    assert res.finish_reason(0) == "eos"
+    np.testing.assert_array_equal(res.new_tokens(0), probe[:eos_at + 1])
+    # A slot that reaches max_len: 3 tokens, then 'length'; decoding again gives nothing.
+    prompt = _prompts(5, (MAX_LEN - 3,))[0]
+    engine.prefill([1], [prompt], sampling=SamplingParams(temperature=1.0), ignore_eos=True, stops=[])
+    res = engine.decode(16, wait_fraction=1.0)
+    assert res.counts[1] == 3 and res.finish_reason(1) == "length" and res.lengths[1] == MAX_LEN
+    again = engine.decode(16)
+    assert again.counts[1] == 0 and int(again.steps) == 0
+    # A prompt of exactly max_len stops before sampling anything.
+    engine.prefill([2], [_prompts(6, (MAX_LEN,))[0]], ignore_eos=True)
+    res = engine.decode(16)
+    assert res.counts[2] == 0 and res.finish_reason(2) == "length" and res.stopped[2]
+    # A per-request budget (max_length) stops the same way.
+    engine.prefill([3], [PROBE], sampling=SamplingParams.greedy(), stops=[], ignore_eos=True,
+                   max_length=len(PROBE) + 5)
+    res = engine.decode(16)
+    assert res.counts[3] == 5 and res.finish_reason(3) == "length"
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.prefill([1], [[1, 2]])   # slot 1 is full
+
+
+def test_wait_policy_returns_when_enough_slots_wait(env):
+    engine = env["engine"]
+    prompts = _prompts(7, (5, 6, 7))
+    budgets = [3, 6, 9]
+    engine.prefill([0, 1, 2], prompts, sampling=SamplingParams.greedy(), stops=[], ignore_eos=True,
+                   max_length=[len(p) + b for p, b in zip(prompts, budgets)])
+    tokens = {s: [] for s in range(3)}
+    res = engine.decode(32)                      # min_waiting=1: back at the first stop
+    assert int(res.steps) == 3 and res.stopped_slots() == [0]
+    assert res.finish_reason(1) is None and res.counts[1] == 3
+    for s in range(3):
+        tokens[s] += res.new_tokens(s).tolist()
+    res = engine.decode(32, wait_fraction=1.0)   # the rest, until both remaining slots stop
+    assert int(res.steps) == 6 and res.stopped_slots() == [1, 2] and res.counts[0] == 0
+    for s in range(3):
+        tokens[s] += res.new_tokens(s).tolist()
+    engine.release([0, 1, 2])
+    one_shot = engine.generate(prompts, max_new_tokens=9, sampling=SamplingParams.greedy(), ignore_eos=True)
+    for s in range(3):
+        assert tokens[s] == one_shot[s].tokens[:budgets[s]]
+    # a fraction: 3 slots, wait_fraction 0.5 -> return when 2 have stopped
+    engine.prefill([0, 1, 2], prompts, sampling=SamplingParams.greedy(), stops=[], ignore_eos=True,
+                   max_length=[len(p) + b for p, b in zip(prompts, budgets)])
+    res = engine.decode(32, wait_fraction=0.5)
+    assert int(res.steps) == 6 and res.stopped_slots() == [0, 1]
+
+
+def _multi_turn(engine, prompts, result):
+    engine.prefill([0, 1], prompts, sampling=[SamplingParams.greedy(), SamplingParams(temperature=1.0)],
+                   max_length=MAX_LEN - 8, seed=[1, 2])
+    a = engine.decode(16)
+    engine.prefill([0], [result])
+    engine.fork(0, 2)
+    b = engine.decode(16, wait_fraction=0.5)
+    engine.prefill([1], [result[:3]])
+    engine.fork([1, 2], [3, 4], same_key=True)
+    c = engine.decode(16, min_waiting=2)
+    engine.release([0, 1, 2, 3, 4])
+    return [r.tokens for r in (a, b, c)]
+
+
+def test_multi_turn_after_warmup_compiles_nothing(env, setup):
+    engine = env["engine"]
+    prompts, result = [PROBE, _prompts(8, (9,))[0]], [30, 31, 32, 33, 34, 35]
+    other = qwen3.Qwen3(engine.config, rngs=__import__("flax").nnx.Rngs(7))
+
+    def both():
+        first = _multi_turn(engine, prompts, result)
+        engine.set_weights(other)                 # new weights (same shapes): nothing recompiles
+        second = _multi_turn(engine, prompts, result)
+        engine.set_weights(setup["model"])
+        return first, second
+
+    warm = both()   # warm-up: the shapes a turn needs (chunk / window buckets) depend on where slots stop
+    with count_compilations() as compiles:
+        again = both()
+    assert compiles == [], f"{len(compiles)} compilations after warm-up"
+    for x, y in zip(jax.tree.leaves(warm), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(warm[0][0], warm[1][0])
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_and_other_slots_keep_their_state(env):
+    engine, ref = env["engine"], env["ref"]
+    prompt = _prompts(9, (6,))[0]
+    engine.prefill([0], [prompt], sampling=SamplingParams.greedy(), stops=[], ignore_eos=True)
+    res = engine.decode(4)
+    before = engine.lengths()
+    bad = [
+        (lambda: engine.prefill([1], [list(range(MAX_LEN + 1))]), "does not fit"),
+        (lambda: engine.prefill(list(range(NUM_SLOTS + 1)), [[1]] * (NUM_SLOTS + 1)), "7 slots requested"),
+        (lambda: engine.prefill([1], [[1, 2]], stops=["</answer>"]), "unknown stop string '</answer>'"),
+        (lambda: engine.prefill([NUM_SLOTS], [[1]]), "out of range"),
+        (lambda: engine.prefill([1], [[1, 200]]), "outside"),
+        (lambda: engine.prefill([1, 2], [[1], []]), "empty"),
+        (lambda: engine.prefill([1], [[1, 2, 3]], max_length=2), "longer than its max_length"),
+        (lambda: engine.fork(0, 0), "in use"),
+        (lambda: engine.fork(1, 2), "hold no sequence"),
+        (lambda: engine.generate([[1]] * 2, max_new_tokens=2), "in use"),
+        (lambda: SamplingParams(top_p=0.0), "top_p"),
+    ]
+    for call, match in bad:
+        with pytest.raises(ValueError, match=match):
+            call()
+    np.testing.assert_array_equal(engine.lengths(), before)
+    assert engine.occupied.tolist() == [True] + [False] * (NUM_SLOTS - 1)
+    rest = engine.decode(6, wait_fraction=1.0)
+    np.testing.assert_array_equal(np.r_[res.new_tokens(0), rest.new_tokens(0)], ref.greedy(prompt, 10))
+    engine.release([0])
+    with pytest.raises(ValueError, match="7 prompts but the engine has 6 slots"):
+        engine.generate([[1]] * 7, max_new_tokens=2)
+    with pytest.raises(ValueError, match="more than max_len"):
+        engine.generate([list(range(MAX_LEN + 1))], max_new_tokens=2)
+
+
+def test_stop_table_alternatives_and_text():
+    from aepo_jax.engine import StopTable, stops
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    table = StopTable({"</s>": "</s>", "b": [[5], [6, 7]], "c": [8, 9, 10]}, tokenizer=Tok())
+    assert table.names == ["</s>", "b", "c"] and table.alternatives[0] == [(60, 47, 115, 62)]
+    assert table.width == 4
+    history = jnp.array([[-1, -1, -1, 5], [1, 60, 47, 115], [60, 47, 115, 62], [-1, 6, 7, 0], [0, 8, 9, 10],
+                         [-1, -1, 6, 7]])
+    hit, which = stops.match(history, jnp.ones((6, 3), bool), table.table, table.valid, table.owner)
+    assert hit.tolist() == [True, False, True, False, True, True]
+    assert which.tolist() == [1, -1, 0, -1, 2, 1]
+    hit, _ = stops.match(history, jnp.array([[False, False, True]] * 6), table.table, table.valid, table.owner)
+    assert hit.tolist() == [False, False, False, False, True, False]
+    with pytest.raises(ValueError, match="no tokenizer"):
+        StopTable(["</search>"])
+    with pytest.raises(ValueError, match="unknown stop string 'x'"):
+        table.mask(["x"])
+
+
+def test_decode_loop_does_not_copy_the_cache(env):
+    engine = env["engine"]
+    text = engine.decode_hlo(16)
+    shape = engine.cache_buffer_shape()
+    assert hlo.cache_copies(text, shape) == []
+    assert "while" in text
+
+
+def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tools import benchmark_decode
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert benchmark_decode.main(["--presets", "tiny", "--batches", "2", "--prompt", "8", "--new", "8",
+                                  "--runs", "1", "--hf_runs", "1"]) == 0
+    results = json.loads((tmp_path / "decode_bench.json").read_text())["results"]
+    assert len(results) == 1 and "tokens_per_s" in results[0]["ours"] and "tokens_per_s" in results[0]["hf"]
+    assert results[0]["ours"]["hlo_cache_copies"] == 0
+    assert "x HF" in capsys.readouterr().out
