@@ -68,9 +68,9 @@ class RolloutConfig:
             raise ValueError(f"unknown rollout scheduler {self.scheduler!r}; known: {list(SCHEDULERS)}")
         if self.penalty_scope not in ("question", "path"):
             raise ValueError(f"penalty_scope must be 'question' or 'path', got {self.penalty_scope!r}")
-        if not 1 <= self.initial_rollouts <= self.group_size:
-            raise ValueError(f"initial_rollouts must be in [1, group_size={self.group_size}], "
-                             f"got {self.initial_rollouts}")
+        if self.group_size < 1 or self.initial_rollouts < 1:
+            raise ValueError(f"group_size and initial_rollouts must be >= 1, got {self.group_size}, "
+                             f"{self.initial_rollouts}")
 
 
 @dataclasses.dataclass
@@ -354,7 +354,7 @@ class _Run:
     def run(self) -> RolloutResult:
         start = time.perf_counter()
         k, config = self.config.group_size, self.config
-        m = [k if config.scheduler == "grpo" else config.initial_rollouts] * len(self.prompts)
+        m = [k if config.scheduler == "grpo" else min(config.initial_rollouts, k)] * len(self.prompts)
         if config.scheduler == "aepo" and config.pre_monitor:
             self.probing = True
             probes = [self._new(q, probe=True) for q in range(len(self.prompts))]

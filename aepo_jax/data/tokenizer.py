@@ -29,6 +29,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 TOOL_TAGS = ("<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>",
              "</result>", "<answer>", "</answer>", "\\boxed{")
 _RESULT_OPEN, _RESULT_CLOSE = " <result>", "</result>"
+UNKNOWN_SURFACE = " \u2047 "  # what SentencePiece prints for an unknown piece
 
 
 @runtime_checkable
@@ -148,8 +149,12 @@ class SentencePieceTokenizer:
         for i in ids:
             i = int(i)
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is out of range for this tokenizer (vocab_size "
-                                 f"{self.vocab_size})")
+                # A model's embedding may be larger than the tokenizer (padded rows); a sampled id
+                # there must not crash a rollout. Render it as SentencePiece's unknown surface.
+                out.append(self.sp.decode(run))
+                out.append(UNKNOWN_SURFACE)
+                run = []
+                continue
             if self.sp.is_control(i):
                 if not skip_special_tokens:
                     out.append(self.sp.decode(run))

@@ -44,8 +44,8 @@ class MetricsWriter:
             self._jsonl.close()
 
 
-def progress_line(step: int, total: int, metrics: Mapping[str, float], keys: tuple[str, ...]) -> str:
-    """`[ 12/100  12%] reward 0.412 | entropy 1.23 | ...` for the keys present in metrics."""
+def progress_line(step: int, total: int, metrics: Mapping[str, float], labels: Mapping[str, str]) -> str:
+    """`[ 12/100  12%] reward 0.412 | entropy 1.23 | ...` for the metrics (label -> key) that are present."""
     width = len(str(total))
-    parts = [f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in keys if k in metrics]
+    parts = [f"{label} {metrics[key]:.4g}" for label, key in labels.items() if key in metrics]
     return f"[{step:>{width}}/{total} {step / max(total, 1):4.0%}] " + " | ".join(parts)

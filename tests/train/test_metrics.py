@@ -45,5 +45,6 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 
 def test_progress_line():
-    line = progress_line(12, 100, {"reward/mean": 0.4123, "entropy": 1.23456, "other": 3}, ("reward/mean", "entropy"))
-    assert line == "[ 12/100  12%] mean 0.4123 | entropy 1.235"
+    metrics = {"reward/mean": 0.4123, "entropy": 1.23456, "other": 3}
+    line = progress_line(12, 100, metrics, {"reward": "reward/mean", "entropy": "entropy", "absent": "x"})
+    assert line == "[ 12/100  12%] reward 0.4123 | entropy 1.235"

@@ -1,0 +1,101 @@
+"""The trainer end to end on the demo world (tiny settings): a run, exact resume after SIGKILL, bad data.
+
+Every run is a subprocess of `python -m aepo_jax.train` with the CPU demo flagfile, shrunk by flags.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = ["--flagfile=configs/cpu_demo.flags", "--sft_steps=6", "--sft_batch_size=4", "--rl_steps=4",
+        "--questions_per_step=2", "--group_size=2", "--initial_rollouts=1", "--max_response_tokens=96",
+        "--max_seq_len=320", "--mini_batches=2", "--eval_every=2", "--eval_questions=2", "--eval_k=2",
+        "--checkpoint_every=2", "--dump_every=2", "--decode_chunk=16"]
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "aepo_jax.train", *TINY, f"--workdir={workdir}", *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""  # one CPU device, as a user's machine
+    return env
+
+
+def _train(workdir, *extra, timeout=900):
+    return subprocess.run(_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=_env())
+
+
+def _tensors(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    done = _train(workdir, f"--export_hf_dir={workdir / 'hf'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done
+
+
+def test_run_writes_metrics_dumps_and_an_hf_model(uninterrupted):
+    workdir, done = uninterrupted
+    rows = [json.loads(l) for l in (workdir / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and max(steps) == 6 + 4
+    rl = [r for r in rows if "rl/reward/mean" in r]
+    assert len(rl) == 4 and all(-1.0 <= r["rl/reward/mean"] <= 1.1 for r in rl)
+    assert any("rl/eval/pass@1" in r for r in rows) and any("sft/loss" in r for r in rows)
+    dumps = [json.loads(l) for l in (workdir / "trajectories.jsonl").read_text().splitlines()]
+    assert len(dumps) == 2 * 2 * 2  # steps 2 and 4, 2 questions x 2 trajectories
+    assert any("⟦" in d["text"] for d in dumps if d["tool_calls"])  # tool results are marked as masked
+    assert "rl [4/4" in done.stdout and "reward" in done.stdout
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(workdir / "hf"), local_files_only=True)
+    assert model.config.num_hidden_layers == 4
+
+
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
+    straight, _ = uninterrupted
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env())
+    marker = workdir / "checkpoints" / "8"   # RL step 2 (after 6 SFT steps)
+    deadline = time.time() + 900
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _train(workdir, f"--export_hf_dir={workdir / 'hf'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = _tensors(straight / "hf"), _tensors(workdir / "hf")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+
+
+def test_malformed_data_fails_before_compute(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"question": "Q?", "answers": ["a"]}\n{"question": "Q2?"}\n')
+    done = _train(tmp_path / "w", f"--train_file={bad}", "--mode=rl", timeout=300)
+    assert done.returncode != 0
+    assert f"{bad}:2: missing field 'answers'" in done.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_non_finite_updates_abort(tmp_path):
+    done = _train(tmp_path / "w", "--mode=sft", "--sft_learning_rate=1e30", "--max_nonfinite_steps=2",
+                  timeout=300)
+    assert done.returncode != 0 and "non-finite updates" in done.stderr
