@@ -7,7 +7,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from aepo_jax.train import flags as train_flags
 
@@ -31,6 +31,8 @@ def describe_mesh() -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    if not flags.FLAGS["verbosity"].present:  # keep the console for the progress lines
+        logging.set_verbosity(logging.WARNING)
     values = train_flags.resolved()
     if train_flags.DRY_RUN.value:
         width = max(map(len, values))
