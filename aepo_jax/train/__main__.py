@@ -1,6 +1,7 @@
 """`python -m aepo_jax.train --flagfile=configs/X.flags [--flag=value ...]`.
 
-With no flags at all it runs the built-in CPU demo (configs/cpu_demo.flags).
+Without --flagfile it runs the built-in CPU demo (configs/cpu_demo.flags), with any other flags given
+overriding it.
 """
 
 import os
@@ -46,8 +47,11 @@ def main(argv):
 
 def run():
     argv = sys.argv
-    if len(argv) == 1 and os.path.exists(CPU_DEMO):
-        argv = argv + [f"--flagfile={os.path.abspath(CPU_DEMO)}"]
+    if not any(a.startswith(("--flagfile", "-flagfile")) for a in argv[1:]):
+        if not os.path.exists(CPU_DEMO):
+            sys.exit(f"no --flagfile given and the default {os.path.abspath(CPU_DEMO)} is missing "
+                     "(run from a source checkout, or pass --flagfile)")
+        argv = argv[:1] + [f"--flagfile={os.path.abspath(CPU_DEMO)}"] + argv[1:]  # later flags override
     app.run(main, argv=argv)
 
 
