@@ -30,7 +30,7 @@ from aepo_jax.core import advantages as adv_lib
 from aepo_jax.data import datasets, rewards, tokenizer as tok_lib, world as world_lib
 from aepo_jax.engine import Engine, SamplingParams
 from aepo_jax.models import native_checkpoint, qwen3, sharding
-from aepo_jax.train import step as step_lib
+from aepo_jax.train import distributed, step as step_lib
 from aepo_jax.train.checkpoint import Checkpointer, abstract_like
 from aepo_jax.train.metrics import MetricsWriter, progress_line
 
@@ -80,8 +80,7 @@ class Trainer:
     def __init__(self, cfg: SimpleNamespace):
         self.cfg = cfg
         if cfg.distributed:
-            jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                                       num_processes=cfg.num_processes, process_id=cfg.process_id)
+            distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
         self.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tp)
         self.workdir = os.path.abspath(cfg.workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -149,7 +148,15 @@ class Trainer:
         specs = sharding.partition_specs(state, self.mesh)
         shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
                                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        if jax.process_count() > 1:
+            return distributed.global_arrays(jax.device_get(state), shardings), shardings
         return jax.device_put(state, shardings), shardings
+
+    def _batch_to_device(self, arrays: dict[str, np.ndarray]):
+        """Host arrays for the jitted step: global arrays when the mesh spans several processes."""
+        if jax.process_count() > 1:
+            return distributed.global_arrays(arrays, sharding.batch_sharding(self.mesh))
+        return arrays
 
     def _compile_step(self, optimizer, loss_config, shardings):
         return step_lib.jit_train_step(self.graphdef, optimizer, loss_config, shardings,
@@ -240,7 +247,7 @@ class Trainer:
             batch = [examples[i] for i in sampler.next_batch(cfg.sft_batch_size)]
             length = _bucket(max(len(ids) for ids, _ in batch), cfg.max_seq_len)
             arrays = pack(batch, length, self.tokenizer.pad_id)
-            state, metrics = step_fn(state, arrays)
+            state, metrics = step_fn(state, self._batch_to_device(arrays))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             self._check_finite(metrics)
             metrics["tokens_per_s"] = float(arrays["attention_mask"].sum()) / (time.perf_counter() - t0)
@@ -417,7 +424,7 @@ class Trainer:
         sums: dict[str, float] = {}
         for chunk in np.split(order, m):
             mini = {name: array[chunk] for name, array in batch.items()}
-            state, metrics = step_fn(state, mini)
+            state, metrics = step_fn(state, self._batch_to_device(mini))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             self._check_finite(metrics)
             for name, value in metrics.items():
