@@ -497,23 +497,6 @@ def write_world(world: World, out_dir: str | os.PathLike, search_fn: Callable[[s
     return paths
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Reads a JSONL file of objects; errors name file:line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            out.append(obj)
-    return out
-
-
 # ------------------------------------------------------------------------------ demo tokenizer, model
 
 DEMO_VOCAB_SIZE = 512
