@@ -342,9 +342,11 @@ class Trainer:
         summary: dict[str, float] = {}
         with concurrent.futures.ThreadPoolExecutor(cfg.tool_threads) as executor:
             tools = self._tools()
-            if start == 0 and self.eval_records:
+            if start == 0 and self.eval_records:  # the starting point (e.g. SFT only) of the RL curve
                 eval_engine = self._eval_engine(state.params)
-                summary.update(self._evaluate(eval_engine, tools, executor, 0))
+                initial = self._evaluate(eval_engine, tools, executor, 0)
+                self.metrics.write(self._global_step("rl", 0), {f"rl/{k}": v for k, v in initial.items()})
+                print("rl start: " + ", ".join(f"{k} {v:.4g}" for k, v in initial.items()), flush=True)
             for step in range(start + 1, cfg.rl_steps + 1):
                 t0 = time.perf_counter()
                 records = [self.train_records[i] for i in sampler.next_batch(cfg.questions_per_step)]
