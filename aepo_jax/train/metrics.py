@@ -12,6 +12,7 @@ import math
 import os
 from typing import Mapping
 
+import jax
 from tensorboardX import SummaryWriter
 
 
@@ -49,3 +50,25 @@ def progress_line(step: int, total: int, metrics: Mapping[str, float], labels: M
     width = len(str(total))
     parts = [f"{label} {metrics[key]:.4g}" for label, key in labels.items() if key in metrics]
     return f"[{step:>{width}}/{total} {step / max(total, 1):4.0%}] " + " | ".join(parts)
+
+
+class CompilationCounter:
+    """Counts XLA compilations (jax.monitoring's backend-compile event); `take()` returns and resets the
+    count. After warm-up a step should compile nothing; a non-zero count shows shapes that still vary."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self._count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, name, *args, **kwargs):
+        if name == self.EVENT:
+            self._count += 1
+
+    def take(self) -> int:
+        count, self._count = self._count, 0
+        return count
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)

@@ -32,7 +32,7 @@ from aepo_jax.engine import Engine, SamplingParams
 from aepo_jax.models import native_checkpoint, qwen3, sharding
 from aepo_jax.train import distributed, step as step_lib
 from aepo_jax.train.checkpoint import Checkpointer, abstract_like
-from aepo_jax.train.metrics import MetricsWriter, progress_line
+from aepo_jax.train.metrics import CompilationCounter, MetricsWriter, progress_line
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -89,6 +89,7 @@ class Trainer:
         self.metrics = MetricsWriter(os.path.join(self.workdir, "metrics"), enabled=jax.process_index() == 0)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.keep_checkpoints)
         self.nonfinite = 0
+        self.compilations = CompilationCounter()
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -466,6 +467,7 @@ class Trainer:
                         "text": render_trajectory(self.tokenizer, traj)}, ensure_ascii=False) + "\n")
 
     def _log(self, phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        metrics = dict(metrics, compilations=float(self.compilations.take()))
         if step % self.cfg.log_every == 0 or step == total:
             prefixed = {f"{phase}/{k}": v for k, v in metrics.items()}
             self.metrics.write(self._global_step(phase, step), prefixed)

@@ -7,7 +7,7 @@ import struct
 
 from tensorboardX.proto import event_pb2
 
-from aepo_jax.train.metrics import MetricsWriter, progress_line
+from aepo_jax.train.metrics import CompilationCounter, MetricsWriter, progress_line
 
 
 def _read_events(path):
@@ -48,3 +48,19 @@ def test_progress_line():
     metrics = {"reward/mean": 0.4123, "entropy": 1.23456, "other": 3}
     line = progress_line(12, 100, metrics, {"reward": "reward/mean", "entropy": "entropy", "absent": "x"})
     assert line == "[ 12/100  12%] reward 0.4123 | entropy 1.235"
+
+
+def test_compilation_counter_counts_new_shapes_only():
+    import jax
+    import jax.numpy as jnp
+    counter = CompilationCounter()
+    try:
+        f = jax.jit(lambda x: x * 2 + 1)
+        f(jnp.ones(3)).block_until_ready()
+        assert counter.take() >= 1
+        f(jnp.zeros(3)).block_until_ready()
+        assert counter.take() == 0
+        f(jnp.ones(5)).block_until_ready()
+        assert counter.take() >= 1
+    finally:
+        counter.close()
