@@ -1,10 +1,10 @@
 """The Qwen3 forward pass over the engine's slot cache: chunk prefill and one-token decode.
 
-The engine owns its KV-cache layout, so it runs the model's own sub-modules (`embed_tokens`, each
-`DecoderLayer`'s norms / projections / MLP, `norm`) around an attention written here. The arithmetic is
-`DecoderLayer.__call__` line for line; only where keys and values live differs:
+The engine owns its KV-cache layout: it runs the model's own `embed_tokens`, `DecoderLayer`s and `norm`,
+handing each layer an attention function (written here) that writes the new keys / values into the cache
+and attends over it:
 
-  layout "bshd": per layer [slots, max_len, kv_heads, head_dim]  (the layout of `qwen3.KVCache`)
+  layout "bshd": per layer [slots, max_len, kv_heads, head_dim]
   layout "bhsd": per layer [slots, kv_heads, max_len, head_dim]  (head-major: each (slot, head) is one
                  contiguous [max_len, head_dim] matrix, the batch-matmul operand layout of the decode step)
 
@@ -80,14 +80,6 @@ def logits(model, hidden: Array) -> Array:
     return jnp.dot(hidden, model.lm_head_kernel().astype(hidden.dtype), preferred_element_type=_F32)
 
 
-def _layer(layer, x: Array, positions: Array, attend) -> tuple[Array, tuple[Array, Array]]:
-    """`DecoderLayer.__call__` with the attention supplied by `attend(q, k, v) -> (out, aux)`."""
-    q, k, v = layer.self_attn.project(layer.input_layernorm(x), positions)
-    out, aux = attend(q, k, v)
-    x = x + layer.self_attn.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x)), aux
-
-
 def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array, layout: str,
                 impl: str = "xla"):
     """One token for every slot of the pool: embeds tokens [S] at positions `lengths` [S].
@@ -119,7 +111,7 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
                                                    implementation="cudnn")
                 return out, (layer_k, layer_v)
             return attention(q, layer_k, layer_v, mask, layout, scale), (layer_k, layer_v)
-        x, (layer_k, layer_v) = _layer(layer, x, positions, attend)
+        x, (layer_k, layer_v) = layer(x, positions, attend)
         new_keys.append(layer_k)
         new_values.append(layer_v)
     return model.norm(x)[:, 0], tuple(new_keys), tuple(new_values)
@@ -154,7 +146,7 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
             layer_v = write_kv(layer_v, rows, write_pos, v, layout)
             out = attention(q, rows_window(layer_k), rows_window(layer_v), mask, layout, scale)
             return out, (layer_k, layer_v)
-        x, (layer_k, layer_v) = _layer(layer, x, positions, attend)
+        x, (layer_k, layer_v) = layer(x, positions, attend)
         new_keys.append(layer_k)
         new_values.append(layer_v)
     last = jnp.maximum(num_new - 1, 0)

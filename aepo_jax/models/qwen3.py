@@ -12,10 +12,9 @@ hidden_size / num_heads. RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in
 Module and parameter names follow the HF checkpoint (`embed_tokens`, `layers.i.self_attn.q_proj`, ...) so
 that import / export is a mechanical rename plus a transpose of every linear kernel.
 
-The KV cache (`KVCache`) is a pool of slots with per-slot lengths: `Qwen3.extend` appends a chunk of tokens
-to chosen slots at their current positions, which is all a sampler needs (prompt prefill, one-token decode,
-tool-result append). Attention inside the cache masks by position (key position <= query position), so a
-slot never needs its stale tail cleared.
+Each `DecoderLayer` takes its attention as a function, so the full-sequence forward here (self-attention
+under a mask) and the sampler's cached forward (`aepo_jax.engine.forward`, which owns the KV-cache layout)
+share every other line of the layer.
 """
 
 from __future__ import annotations
@@ -162,38 +161,6 @@ def preset(name: str) -> Qwen3Config:
         raise KeyError(f"unknown Qwen3 preset {name!r}; known: {sorted(PRESETS)}") from None
 
 
-# ------------------------------------------------------------------------------------------------ cache
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """A pool of `num_slots` sequences, each with its own length, for incremental decoding.
-
-    keys / values: one array per layer, [num_slots, max_len, num_kv_heads, head_dim] (bf16 by default).
-    lengths: [num_slots] int32, the number of valid positions of each slot (its next write position).
-    """
-
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
-    lengths: Array
-
-    @classmethod
-    def create(cls, config: Qwen3Config, num_slots: int, max_len: int, dtype=jnp.bfloat16) -> "KVCache":
-        shape = (num_slots, max_len, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   lengths=jnp.zeros((num_slots,), jnp.int32))
-
-    @property
-    def num_slots(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[1]
-
-
 # ---------------------------------------------------------------------------------------------- modules
 
 
@@ -252,13 +219,6 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         return rotary_embedding(q, positions, c.rope_theta), rotary_embedding(k, positions, c.rope_theta), v
 
-    def output(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
-        """softmax(q k^T / sqrt(D) + mask) v, then W_o. mask: [B, T, S] bool (True = attend)."""
-        b, t = q.shape[:2]
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                           mask=mask[:, None], scale=self.config.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, t, -1))
-
 
 class MLP(nnx.Module):
     """SwiGLU: W_down (silu(W_gate x) * W_up x) (Shazeer, arXiv 2002.05202)."""
@@ -282,11 +242,12 @@ class DecoderLayer(nnx.Module):
                                                 param_dtype=param_dtype)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: Array, positions: Array, kv_fn) -> tuple[Array, Any]:
-        """`kv_fn(k, v) -> (keys, values, mask, aux)` decides what the queries attend to (self or cache)."""
+    def __call__(self, x: Array, positions: Array, attend) -> tuple[Array, Any]:
+        """`attend(q, k, v) -> (out [B, T, heads, D], aux)` is the attention: over the chunk itself (the
+        full-sequence forward) or over a KV cache (the engine, which returns the updated cache as aux)."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
-        keys, values, mask, aux = kv_fn(k, v)
-        x = x + self.self_attn.output(q, keys, values, mask)
+        out, aux = attend(q, k, v)
+        x = x + self.self_attn.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
         return x + self.mlp(self.post_attention_layernorm(x)), aux
 
 
@@ -294,8 +255,10 @@ class DecoderLayer(nnx.Module):
 
 
 def _self_attending_layer(layer: DecoderLayer, x: Array, positions: Array, mask: Array) -> Array:
-    """One layer of the full-sequence forward: the chunk attends to itself under `mask`."""
-    return layer(x, positions, lambda k, v: (k, v, mask, None))[0]
+    """One layer of the full-sequence forward: the chunk attends to itself under `mask` [B, T, T]."""
+    scale = layer.self_attn.config.head_dim ** -0.5
+    attend = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale), None)
+    return layer(x, positions, attend)[0]
 
 
 class Qwen3(nnx.Module):
@@ -342,49 +305,6 @@ class Qwen3(nnx.Module):
                  positions: Array | None = None) -> Array:
         """Logits [B, T, V] of a full sequence (for long sequences use `hidden_states` + core log-probs)."""
         return self.logits(self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions))
-
-    # -- incremental forward over a KV cache (sampling) --
-
-    def extend(self, tokens: Array, cache: KVCache, *, num_new: Array | None = None,
-               slots: Array | None = None) -> tuple[Array, KVCache]:
-        """Appends a chunk of tokens to cache slots and returns its hidden states [B, T, H] and the cache.
-
-        tokens: [B, T] chunk for the slots `slots` ([B] int, default all slots in order); row b holds
-        `num_new[b]` real tokens (default T) followed by padding. Real token t of row b sits at position
-        `cache.lengths[slots[b]] + t`; padding is neither written nor attended to. Each slot's length grows
-        by its num_new. Slots not in `slots` are untouched. Positions past max_len are dropped (the caller
-        keeps lengths within max_len).
-        """
-        b, t = tokens.shape
-        all_slots = slots is None
-        slots = jnp.arange(cache.num_slots, dtype=jnp.int32) if all_slots else slots
-        num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
-        start = cache.lengths[slots]
-        offsets = jnp.arange(t, dtype=jnp.int32)
-        positions = start[:, None] + offsets
-        real = offsets[None, :] < num_new[:, None]
-        # Padding is written to an out-of-range index so the scatter drops it.
-        write_pos = jnp.where(real, positions, cache.max_len)
-        mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
-
-        def kv_fn(layer_keys, layer_values):
-            def attend_cache(k, v):
-                new_k = layer_keys.at[slots[:, None], write_pos].set(k.astype(layer_keys.dtype), mode="drop")
-                new_v = layer_values.at[slots[:, None], write_pos].set(v.astype(layer_values.dtype),
-                                                                       mode="drop")
-                if all_slots:  # attend to the whole pool in place: no gathered copy of the cache
-                    return new_k, new_v, mask, (new_k, new_v)
-                return new_k[slots], new_v[slots], mask, (new_k, new_v)
-            return attend_cache
-
-        x = self.embed_tokens(tokens)
-        keys, values = [], []
-        for layer, layer_k, layer_v in zip(self.layers, cache.keys, cache.values):
-            x, (new_k, new_v) = layer(x, positions, kv_fn(layer_k, layer_v))
-            keys.append(new_k)
-            values.append(new_v)
-        lengths = cache.lengths.at[slots].add(num_new)
-        return self.norm(x), KVCache(tuple(keys), tuple(values), lengths)
 
     # -- head --
 
@@ -491,5 +411,5 @@ def config_summary(config: Qwen3Config) -> str:
             f"params={count_params(config) / 1e9:.3f}B, tied={config.tie_word_embeddings})")
 
 
-__all__ = ["Qwen3Config", "PRESETS", "preset", "KVCache", "Qwen3", "load_pretrained", "save_pretrained",
+__all__ = ["Qwen3Config", "PRESETS", "preset", "Qwen3", "load_pretrained", "save_pretrained",
            "count_params", "config_summary", "rotary_embedding"]
