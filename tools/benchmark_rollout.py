@@ -51,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--tool_every", type=int, default=64)
     parser.add_argument("--decode_chunk", type=int, default=64)
     parser.add_argument("--wait_fraction", type=float, default=0.25)
+    parser.add_argument("--tool_overlap", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -77,7 +78,8 @@ def main(argv=None):
     def agentic(seed):
         config_r = rollout_lib.RolloutConfig(scheduler="grpo", group_size=1, max_tool_calls=10_000,
                                              max_response_tokens=args.response, sampling=sampling,
-                                             decode_chunk=args.decode_chunk, wait_fraction=args.wait_fraction)
+                                             decode_chunk=args.decode_chunk, wait_fraction=args.wait_fraction,
+                                             tool_overlap=args.tool_overlap)
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             result = rollout_lib.rollout(engine, ByteTokenizer(), {}, prompts, config_r, executor=pool,
                                          seed=seed)

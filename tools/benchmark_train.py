@@ -41,8 +41,9 @@ def _batch(config, batch, seq, seed=0):
             "advantages": jnp.asarray(rng.normal(size=(batch,)), jnp.float32)}
 
 
-def ours(config, batch, seq, repeats, remat):
+def ours(config, batch, seq, repeats, remat, attention):
     model = qwen3.Qwen3(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat, rngs=nnx.Rngs(0))
+    model.attention = attention
     optimizer = step_lib.make_optimizer(1e-6)
     graphdef, state = step_lib.init_train_state(model, optimizer)
     del model
@@ -94,6 +95,8 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--attention", default="cudnn,xla",
+                        help="comma-separated training attention implementations to time (qwen3.ATTENTION_IMPLS)")
     parser.add_argument("--peak_tflops", type=float, default=989.0)
     parser.add_argument("--skip_hf", action="store_true")
     args = parser.parse_args(argv)
@@ -104,7 +107,9 @@ def main(argv=None):
         flops = step_flops(config, args.batch, seq)
         # HF first: it frees its memory before JAX starts (JAX preallocates most of the GPU at start).
         runs = [] if args.skip_hf else [("hf_transformers", lambda: hf(config, args.batch, seq, args.repeats))]
-        runs.append(("aepo_jax", lambda: ours(config, args.batch, seq, args.repeats, args.remat)[0]))
+        for impl in args.attention.split(","):
+            runs.append((f"aepo_jax ({impl} attention)",
+                         lambda impl=impl: ours(config, args.batch, seq, args.repeats, args.remat, impl)[0]))
         for name, run in runs:
             try:
                 seconds = run()
@@ -115,9 +120,10 @@ def main(argv=None):
                 rows.append(dict(impl=name, error=repr(e)[:400]))
     else:
         seq = args.seq or 4096
-        seconds, loss = ours(config, args.batch, seq, 1, args.remat)
+        impl = args.attention.split(",")[0]
+        seconds, loss = ours(config, args.batch, seq, 1, args.remat, impl)
         stats = jax.devices()[0].memory_stats() or {}
-        rows.append(dict(impl="aepo_jax", preset=args.preset, batch=args.batch, seq=seq, remat=args.remat,
+        rows.append(dict(impl=f"aepo_jax ({impl} attention)", preset=args.preset, batch=args.batch, seq=seq, remat=args.remat,
                          ms=seconds * 1e3, loss=loss, peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9,
                          dense_f32_logits_gb=args.batch * seq * config.vocab_size * 4 / 1e9))
     device = jax.devices()[0].device_kind

@@ -1,21 +1,53 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md that the train and agent issues need, in one device call.
-# Each measurement has its own time limit so one failure or hang does not lose the others.
+# The GPU figures of docs/benchmarks.md for the trainer and agent issues, in two device calls:
+#   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention test, agentic rollout ratio, profiled RL step
+#   bash tools/gpu_benchmarks.sh train     # train-step MFU vs HF, peak memory, decode with cuBLAS GEMMs
+# Each measurement has its own time limit so one failure or hang does not lose the others. Packages the
+# device image lacks (bm25s, tensorboardX) come as wheels in .whl/ (pip download them here, carry .whl).
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 OUT=${OUT:-/tmp/gpu_bench}; mkdir -p "$OUT"
-run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" "$@" 2>&1 | grep -vE "^[IW][0-9]{4} " | tail -12; }
-run 200 python3 tools/benchmark_train.py throughput --preset 1.7b --batch 8 --seq 1024
-run 150 python3 tools/benchmark_train.py memory --preset 1.7b --batch 8 --seq 4096 --remat
-run 150 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 --tool_every 64
-run 200 python3 -m aepo_jax.train --flagfile=configs/cpu_demo.flags --mode=rl --model_preset=0.6b \
-  --compute_dtype=bfloat16 --param_dtype=float32 --remat --rl_steps=2 --questions_per_step=16 --group_size=8 \
-  --initial_rollouts=4 --max_response_tokens=512 --eval_every=0 --dump_every=0 --mini_batches=4 \
-  --checkpoint_every=1000 --workdir=/tmp/rl_step_0.6b
-cp /tmp/rl_step_0.6b/metrics/metrics.jsonl "$OUT/rl_step_metrics.jsonl" 2>/dev/null
-python3 - <<'PY'
-import json
+run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" "$@" 2>&1 | grep -vE "^[IW][0-9]{4} " | tail -14; }
+# One RL step of the 0.6B preset on the demo world (random weights), 3 steps, under cProfile.
+RL_STEP=(python3 -m cProfile -o "$OUT/rl_step.prof" -m aepo_jax.train --flagfile=configs/cpu_demo.flags --mode=rl
+  --model_preset=0.6b --compute_dtype=bfloat16 --param_dtype=float32 --remat --rl_steps=3
+  --questions_per_step=16 --group_size=8 --initial_rollouts=4 --max_response_tokens=512 --eval_every=0
+  --dump_every=0 --mini_batches=4 --checkpoint_every=1000 --workdir=/tmp/rl_step_0.6b)
+case "${1:-rollout}" in
+rollout)
+  run 150 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py -k "cudnn or bf16"
+  run 180 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 --tool_every 64
+  run 180 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 --tool_every 64 \
+    --wait_fraction 0.5
+  run 240 "${RL_STEP[@]}"
+  cp /tmp/rl_step_0.6b/metrics/metrics.jsonl "$OUT/rl_step_metrics.jsonl" 2>/dev/null
+  python3 - "$OUT" <<'PY'
+import json, pstats, sys
 for row in map(json.loads, open("/tmp/rl_step_0.6b/metrics/metrics.jsonl")):
     print({k: round(v, 3) for k, v in row.items() if k.startswith(("rl/time", "rl/rollout/seconds",
-           "rl/rollout/sampled", "rl/tokens_per_s", "rl/rollout/response_length", "step"))})
+           "rl/rollout/sampled", "rl/rollout/decode_calls", "rl/compilations", "rl/rollout/response_length",
+           "rl/rollout/tool_calls", "step"))})
+pstats.Stats(f"{sys.argv[1]}/rl_step.prof").sort_stats("tottime").print_stats(22)
 PY
+  ;;
+train)
+  run 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py -k "cudnn"
+  run 200 "${RL_STEP[@]}"
+  python3 - "$OUT" <<'PY'
+import json, pstats, sys
+for row in map(json.loads, open("/tmp/rl_step_0.6b/metrics/metrics.jsonl")):
+    print({k: round(v, 3) for k, v in row.items() if k.startswith(("rl/time", "rl/rollout/seconds",
+           "rl/rollout/sampled", "rl/rollout/decode_calls", "rl/compilations", "rl/rollout/response_length",
+           "rl/rollout/tool_calls", "step"))})
+pstats.Stats(f"{sys.argv[1]}/rl_step.prof").sort_stats("tottime").print_stats(16)
+PY
+  run 260 python3 tools/benchmark_train.py throughput --preset 1.7b --batch 8 --seq 1024 --attention cudnn,xla
+  run 150 python3 tools/benchmark_train.py memory --preset 1.7b --batch 8 --seq 4096 --remat --attention cudnn
+  ;;
+extra)
+  run 150 python3 tools/benchmark_train.py memory --preset 1.7b --batch 8 --seq 4096 --attention cudnn
+  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false run 200 python3 tools/benchmark_decode.py --presets 1.7b \
+    --batches 64 --runs 3 --hf_runs 1
+  ;;
+esac

@@ -2,9 +2,16 @@
 
 Loop (AEPO_SPEC.md section 1): prefill the prompts, decode until slots stop (a tool tag, EOS, or the length
 budget), run the stopped slots' tool calls concurrently in a thread pool, append
-` <result>\\n{text}\\n</result>` into the same slot (only those tokens are prefilled: the KV cache is kept),
-continue. While the tools run, the device already decodes the other slots (the next decode call is
-dispatched before the host waits on the tools; JAX dispatch is asynchronous).
+` <result>\\n{text}\\n</result>` into the same slots (one batched prefill of only those tokens: the KV
+cache is kept), continue. Two orders, both deterministic (the token streams and every decision depend on
+device results and program order, never on timing):
+  tool_overlap=False  wait for the tools, prefill their results, then dispatch the next decode call: a slot
+                      that called a tool idles only until the current call returns (fast tools: local
+                      search, the Python sandbox).
+  tool_overlap=True   dispatch the next decode call first, then wait for the tools while the device decodes
+                      the other slots (JAX dispatch is asynchronous); the results join the call after. The
+                      calling slots idle one whole extra call, the device never waits for a slow tool
+                      (a remote search service).
 
 Trajectories carry what training needs, built once here and never re-tokenised: prompt and response ids,
 the loss mask (1 on sampled tokens, 0 on tool results), the sampler's log-probs and full-vocabulary
@@ -62,6 +69,7 @@ class RolloutConfig:
     sampling: SamplingParams = SamplingParams()
     decode_chunk: int = 64
     wait_fraction: float = 0.25
+    tool_overlap: bool = False       # decode the other slots while tools run (see the module docstring)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -287,19 +295,13 @@ class _Run:
                 calls.append((slot, call))
         return calls
 
-    def _append_results(self, submitted, next_decode) -> None:
-        """Waits for the tool calls (timing how long the device sat idle meanwhile) and appends results."""
+    def _append_results(self, submitted, next_decode=None) -> None:
+        """Waits for the tool calls and appends their results in one prefill. The time the device sat idle
+        meanwhile counts as tool wait: all of it without a decode call in flight, else what is left after
+        that call finished."""
+        appended = []
         for slot, call, future in submitted:
-            while True:
-                try:
-                    outcome = future.result(timeout=0.002)
-                    break
-                except concurrent.futures.TimeoutError:
-                    if next_decode is None or next_decode.output.counts.is_ready():
-                        waited = time.perf_counter()
-                        outcome = future.result()
-                        self.stats["tool_idle_s"] += time.perf_counter() - waited
-                        break
+            outcome = self._wait(future, next_decode)
             traj = self.slot_of[slot]
             ids = self.tokenizer.encode(result_block(outcome.text))
             position = len(traj.response)
@@ -313,10 +315,23 @@ class _Run:
             traj.logprobs += [0.0] * len(ids)
             traj.entropies += [0.0] * len(ids)
             traj.segment_starts.append(len(traj.response))
-            self.engine.prefill([slot], [ids])
             self.status[slot] = "running"
             if self.branching and not traj.is_probe:
                 self.awaiting[slot] = len(traj.response)
+            appended.append((slot, ids))
+        if appended:
+            self.engine.prefill([slot for slot, _ in appended], [ids for _, ids in appended])
+
+    def _wait(self, future, next_decode):
+        while next_decode is not None and not next_decode.output.counts.is_ready():
+            try:
+                return future.result(timeout=0.002)
+            except concurrent.futures.TimeoutError:
+                pass
+        waited = time.perf_counter()
+        outcome = future.result()
+        self.stats["tool_idle_s"] += time.perf_counter() - waited
+        return outcome
 
     def _refill(self) -> None:
         """Questions whose paths all ended before k trajectories exist get fresh ones."""
@@ -326,28 +341,43 @@ class _Run:
                 for _ in range(self.config.group_size - len(group)):
                     self._new(q)
 
+    def _decode(self):
+        if not any(st == "running" for st in self.status.values()):
+            return None
+        self.stats["decode_calls"] += 1
+        return self.engine.decode(self.config.decode_chunk, wait_fraction=self.config.wait_fraction)
+
+    def _submit(self, calls):
+        return [(slot, call, self.executor.submit(run_tool_call, call, self.tools)) for slot, call in calls]
+
     def loop(self) -> None:
-        result = None
-        while True:
-            if result is None:
+        """Decodes until every trajectory (and every refill) has finished."""
+        if not self.probing:  # e.g. pre-monitoring gave m = 1 everywhere and its probes already ended
+            self._refill()
+        if not self.config.tool_overlap:
+            while True:
                 self._start_pending()
-                if not any(st == "running" for st in self.status.values()):
+                result = self._decode()
+                if result is None:
                     break
-                result = self.engine.decode(self.config.decode_chunk, wait_fraction=self.config.wait_fraction)
-                self.stats["decode_calls"] += 1
-            calls = self._absorb(result)
-            submitted = [(slot, call, self.executor.submit(run_tool_call, call, self.tools))
-                         for slot, call in calls]
+                self._append_results(self._submit(self._absorb(result)))
+                if not self.probing:
+                    self._refill()
+            return
+        self._start_pending()
+        result = self._decode()
+        while result is not None:
+            submitted = self._submit(self._absorb(result))
             if not self.probing:
                 self._refill()
             self._start_pending()
-            result = None
-            if any(st == "running" for st in self.status.values()):
-                result = self.engine.decode(self.config.decode_chunk, wait_fraction=self.config.wait_fraction)
-                self.stats["decode_calls"] += 1
+            result = self._decode()
             self._append_results(submitted, result)
-            if result is None and not self.pending and not self.status:
-                break
+            if result is None:  # the tool results may have made slots runnable again, or ended them
+                if not self.probing:
+                    self._refill()
+                self._start_pending()
+                result = self._decode()
 
     # ---------------------------------------------------------------------------------------- phases
 

@@ -93,6 +93,16 @@ def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[dic
     return shards
 
 
+def _ordinary_permissions(directory: str) -> None:
+    """mkdtemp makes a 0700 directory (and some writers 0600 files): give the export the permissions a
+    plain mkdir / open would (0777 / 0666 less the umask), so others can read it on a shared disk."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
 def write_directory(path: str, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
                     overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json and safetensors (sharded with an index past max_shard_bytes) atomically."""
@@ -119,6 +129,7 @@ def write_directory(path: str, config: Mapping[str, Any], tensors: Mapping[str, 
             total = sum(a.nbytes for a in tensors.values())
             with open(os.path.join(tmp, INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        _ordinary_permissions(tmp)
         if os.path.isdir(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rename(path, os.path.join(old, "previous"))

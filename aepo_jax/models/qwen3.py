@@ -254,10 +254,21 @@ class DecoderLayer(nnx.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
-def _self_attending_layer(layer: DecoderLayer, x: Array, positions: Array, mask: Array) -> Array:
-    """One layer of the full-sequence forward: the chunk attends to itself under `mask` [B, T, T]."""
+ATTENTION_IMPLS = ("xla", "cudnn")
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def _self_attending_layer(layer: DecoderLayer, x: Array, positions: Array, mask: Array | None,
+                          lengths: Array | None) -> Array:
+    """One layer of the full-sequence forward: the chunk attends to itself causally. XLA: under `mask`
+    [B, T, T]; cuDNN (fused flash attention): the first `lengths` [B] tokens of each row are real."""
     scale = layer.self_attn.config.head_dim ** -0.5
-    attend = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale), None)
+    if mask is not None:
+        attend = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale), None)
+    else:
+        attend = lambda q, k, v: (jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            implementation="cudnn"), None)
     return layer(x, positions, attend)[0]
 
 
@@ -270,6 +281,7 @@ class Qwen3(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.remat = remat  # recompute each layer's activations in the backward pass (full forward only)
+        self.attention = "xla"  # full-forward attention: "xla" (any mask) or "cudnn" (GPU, right padding)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
@@ -287,19 +299,32 @@ class Qwen3(nnx.Module):
 
         attention_mask: [B, T], 1 for real tokens, 0 for padding (keys that are 0 are never attended).
         positions: [B, T] rotary positions; default 0..T-1 (as HF when no position_ids are passed).
+        With `self.attention == "cudnn"` (GPU, bf16 / fp16 compute) the rows must be right-padded: the
+        mask only gives each row's length, and the outputs at padding positions are zero.
         """
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = jnp.tril(jnp.ones((t, t), bool))[None]
-        if attention_mask is not None:
-            mask = mask & attention_mask.astype(bool)[:, None, :]
-        mask = jnp.broadcast_to(mask, (b, t, t))
+        mask = lengths = None
+        if self.attention == "cudnn":
+            lengths = (jnp.full((b,), t, jnp.int32) if attention_mask is None
+                       else jnp.sum(attention_mask.astype(jnp.int32), axis=-1))
+            pad = -t % CUDNN_SEQ_MULTIPLE  # its flash kernels take lengths in multiples of 64
+            if pad:
+                input_ids = jnp.pad(input_ids, ((0, 0), (0, pad)))
+                positions = jnp.pad(positions, ((0, 0), (0, pad)))
+        else:
+            mask = jnp.tril(jnp.ones((t, t), bool))[None]
+            if attention_mask is not None:
+                mask = mask & attention_mask.astype(bool)[:, None, :]
+            mask = jnp.broadcast_to(mask, (b, t, t))
         x = self.embed_tokens(input_ids)
         run = nnx.remat(_self_attending_layer) if self.remat else _self_attending_layer
         for layer in self.layers:
-            x = run(layer, x, positions, mask)
-        return self.norm(x)
+            x = run(layer, x, positions, mask, lengths)
+        return self.norm(x[:, :t])
 
     def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
                  positions: Array | None = None) -> Array:

@@ -28,6 +28,9 @@ COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "flo
 PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["bfloat16", "float32"],
                                 "Stored (master) weights; the optimiser state follows")
 REMAT = flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass")
+ATTENTION = flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
+                              "Training / scoring attention: cudnn (fused flash attention, GPU with bf16 compute), "
+                              "xla (any device), auto = cudnn where it applies, else xla")
 
 # --- distribution ------------------------------------------------------------------------------------
 MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Data-parallel axis size")
@@ -52,7 +55,8 @@ CORPUS_FILE = flags.DEFINE_string("corpus_file", None, "Search corpus, JSONL {id
 # --- SFT ---------------------------------------------------------------------------------------------
 SFT_STEPS = flags.DEFINE_integer("sft_steps", 100, "Optimiser steps of SFT")
 SFT_BATCH_SIZE = flags.DEFINE_integer("sft_batch_size", 16, "Sequences per SFT step")
-SFT_LEARNING_RATE = flags.DEFINE_float("sft_learning_rate", 1e-5, "Peak learning rate of SFT")
+SFT_LEARNING_RATE = flags.DEFINE_float("sft_learning_rate", 1e-5,
+                                       "Learning rate of SFT (constant after --warmup_steps)")
 MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 1024, "Longest training sequence (prompt + response)")
 
 # --- RL: rollout -------------------------------------------------------------------------------------
@@ -84,6 +88,9 @@ TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling in training")
 DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 64, "Max decode steps per engine call")
 WAIT_FRACTION = flags.DEFINE_float("wait_fraction", 0.25,
                                    "Return to the host when this fraction of active slots waits on tools")
+TOOL_OVERLAP = flags.DEFINE_bool("tool_overlap", False,
+                                 "Decode the other slots while tools run (for slow tools such as a remote "
+                                 "search service); off: wait for the tools, then decode")
 
 # --- RL: loss and optimiser ----------------------------------------------------------------------------
 POLICY_LOSS = flags.DEFINE_string("policy_loss", "aepo", "Entry of aepo_jax.core.losses.POLICY_LOSSES")
@@ -116,7 +123,8 @@ PYTHON_TIMEOUT = flags.DEFINE_float("python_timeout", 5.0, "Seconds per python t
 TOOL_THREADS = flags.DEFINE_integer("tool_threads", 16, "Concurrent tool calls")
 
 # --- evaluation and dumps ---------------------------------------------------------------------------------
-EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "RL steps between evaluations (0: only at the end)")
+EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "RL steps between held-out evaluations (there is always "
+                                  "one at the start and one at the end of RL; 0: only those)")
 EVAL_QUESTIONS = flags.DEFINE_integer("eval_questions", 64, "Held-out questions per evaluation")
 EVAL_K = flags.DEFINE_integer("eval_k", 4, "Samples per question for pass@k")
 EVAL_TEMPERATURE = flags.DEFINE_float("eval_temperature", 0.6, "Sampling temperature for pass@k")

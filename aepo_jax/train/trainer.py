@@ -45,8 +45,10 @@ class TrainingAborted(RuntimeError):
     """Too many non-finite updates (see --max_nonfinite_steps)."""
 
 
-def _bucket(n: int, limit: int, multiple: int = 64) -> int:
-    return min(limit, -(-n // multiple) * multiple)
+def _bucket(n: int, limit: int) -> int:
+    """Padded batch length: the next power of two (at least 64), at most `limit`, so that only a few shapes
+    (and compilations of the train step) exist however the lengths vary."""
+    return min(limit, max(64, 1 << (n - 1).bit_length()))
 
 
 def pack(sequences: Sequence[tuple[list[int], list[int]]], length: int, pad_id: int, **per_token):
@@ -140,10 +142,20 @@ class Trainer:
                       else qwen3.preset(preset))
             model = qwen3.Qwen3(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed))
         model.remat = cfg.remat
+        model.attention = self._attention_impl(dtype)
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocabulary "
                              f"is {model.config.vocab_size}")
         return model
+
+    def _attention_impl(self, dtype) -> str:
+        """cuDNN's fused attention needs a GPU and 16-bit compute; the batches here are right-padded."""
+        choice = self.cfg.attention
+        fits = jax.devices()[0].platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+        if choice == "cudnn" and not fits:
+            raise ValueError(f"--attention=cudnn needs a GPU and --compute_dtype=bfloat16 (here: "
+                             f"{jax.devices()[0].platform}, {jnp.dtype(dtype).name})")
+        return choice if choice != "auto" else ("cudnn" if fits else "xla")
 
     def _place(self, state: step_lib.TrainState) -> tuple[step_lib.TrainState, Any]:
         specs = sharding.partition_specs(state, self.mesh)
@@ -286,7 +298,7 @@ class Trainer:
             penalty_scope=cfg.branch_penalty_scope, entropy_window=cfg.entropy_window,
             entropy_reduction=cfg.entropy_reduction, max_tool_calls=cfg.max_tool_calls,
             max_response_tokens=cfg.max_response_tokens, sampling=sampling, decode_chunk=cfg.decode_chunk,
-            wait_fraction=cfg.wait_fraction)
+            wait_fraction=cfg.wait_fraction, tool_overlap=cfg.tool_overlap)
 
     def _prompts(self, records) -> list[list[int]]:
         prompts = [self.tokenizer.encode(world_lib.render_prompt(r.question)) for r in records]
@@ -375,7 +387,7 @@ class Trainer:
                                 "accuracy": float(np.mean([s.accuracy for g in scored for s in g])),
                                 "format_ok": float(np.mean([s.format_ok for g in scored for s in g])),
                                 "tokens_per_s": sum(len(t.response) for t in trajs) / (time.perf_counter() - t0)})
-                if self.eval_records and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.rl_steps):
+                if self.eval_records and (step == cfg.rl_steps or cfg.eval_every and step % cfg.eval_every == 0):
                     eval_engine = eval_engine or self._eval_engine(state.params)
                     eval_engine.set_weights(self._engine_params(state.params))
                     metrics.update(self._evaluate(eval_engine, tools, executor, step))

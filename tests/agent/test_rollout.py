@@ -62,9 +62,10 @@ def test_tool_result_is_appended_masked_and_answer_scored(world):
     assert result.metrics["rollout/tool_calls_per_traj"] == 1.0
 
 
+@pytest.mark.parametrize("tool_overlap", [False, True])
 @pytest.mark.parametrize("scheduler", ["grpo", "arpo", "aepo"])
-def test_schedulers_return_exactly_k_and_branches_share_prefixes(world, scheduler):
-    result = _run(world, scheduler, questions=3, k=5, m=2)
+def test_schedulers_return_exactly_k_and_branches_share_prefixes(world, scheduler, tool_overlap):
+    result = _run(world, scheduler, questions=3, k=5, m=2, tool_overlap=tool_overlap)
     assert [len(g) for g in result.groups] == [5, 5, 5]
     for group in result.groups:
         for traj in group:
@@ -89,6 +90,21 @@ def test_same_seed_same_rollout(world):
         assert [(t.response, t.parent, t.branch_point) for t in ga] == \
                [(t.response, t.parent, t.branch_point) for t in gb]
     assert a.decisions == b.decisions
+
+
+def test_tool_order_changes_when_slots_run_not_what_they_sample(world):
+    """Each trajectory's tokens depend on its own seed and history only, so decoding the other slots while
+    the tools run (one extra idle call for the calling slots) gives the same trajectories, in more calls."""
+    tok, _, _ = world
+    engine = lambda: Engine(scripted.model(strength=6.0), num_slots=12, max_len=96, eos_ids=[tok.eos_id],
+                            stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=tok, seed=0)
+    runs = [_run(world, "grpo", questions=3, k=4, seed=5, engine=engine(), tool_overlap=overlap)
+            for overlap in (False, True)]
+    sync, overlap = ([(t.response, t.mask, t.logprobs) for g in r.groups for t in g] for r in runs)
+    assert sync == overlap
+    assert runs[0].metrics["rollout/tool_calls_per_traj"] > 0.5
+    assert len({len(t.response) for g in runs[0].groups for t in g}) > 1  # the slots stopped at different times
+    assert runs[1].metrics["rollout/decode_calls"] > runs[0].metrics["rollout/decode_calls"]
 
 
 @pytest.mark.parametrize("scheduler,lam", [("arpo", 0.0), ("aepo", 0.05)])
@@ -127,6 +143,15 @@ def test_tool_failure_becomes_the_result_and_the_rollout_goes_on(world):
         assert call.tag == "python" and not call.ok and "NameError" in call.result
         assert traj.finish_reason == "eos"
     assert result.metrics["rollout/tool_errors"] == 2.0
+
+
+def test_pre_monitoring_budget_of_one_still_gives_k(world, monkeypatch):
+    """m = 1 (the probe alone) leaves nothing pending after the probe phase: refills make up the group.
+    (The scripted policy's entropy is the same at every token, so the budget is forced to 1 here.)"""
+    monkeypatch.setattr(rollout_math, "budget_split", lambda k, h_root, h_tool, beta: 1)
+    result = _run(world, "aepo", questions=2, k=3)
+    assert [len(g) for g in result.groups] == [3, 3]
+    assert result.metrics["rollout/global_samples"] == 1.0
 
 
 def test_fewer_slots_than_trajectories_still_gives_k(world):

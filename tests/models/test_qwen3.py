@@ -136,6 +136,11 @@ def test_save_then_transformers_load_gives_identical_logits(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(dst), local_files_only=True).eval()
     ids = np.random.default_rng(3).integers(0, 97, size=(2, 10))
     np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(hf, ids))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(dst).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    for name in os.listdir(dst):
+        assert os.stat(dst / name).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_load_sharded_safetensors_and_save_sharded(tmp_path):
@@ -219,3 +224,39 @@ def test_save_never_leaves_a_half_written_directory(tmp_path, monkeypatch):
     monkeypatch.undo()
     qwen3.save_pretrained(model, target, overwrite=True)
     assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
+
+
+def test_unknown_attention_implementation_is_named():
+    model = qwen3.Qwen3(qwen3.preset("tiny"))
+    model.attention = "flash"
+    with pytest.raises(ValueError, match="attention must be one of .*'flash'"):
+        model.hidden_states(jnp.zeros((1, 4), jnp.int32))
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu",
+                    reason="cuDNN attention needs a GPU; tools/gpu_benchmarks.sh runs this on the device machine")
+def test_cudnn_attention_matches_xla_on_right_padded_rows():
+    """The fused cuDNN path (is_causal + per-row lengths) equals the masked XLA path, values and gradients."""
+    config = qwen3.Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=64)
+    model = qwen3.Qwen3(config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 127)), jnp.int32)  # not a multiple of 64
+    mask = np.ones((3, 127), np.int32)
+    mask[1, 100:] = 0
+    mask[2, 37:] = 0
+    from flax import nnx
+    graphdef, params = nnx.split(model)
+
+    def loss(params, impl):
+        m = nnx.merge(graphdef, params)
+        m.attention = impl
+        h = m.hidden_states(ids, attention_mask=jnp.asarray(mask)).astype(jnp.float32)
+        return jnp.sum(h * jnp.asarray(mask)[..., None] * jnp.cos(jnp.arange(256.0))), h
+
+    (lx, hx), gx = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    (lc, hc), gc = jax.value_and_grad(loss, has_aux=True)(params, "cudnn")
+    valid = mask.astype(bool)
+    scale = float(jnp.abs(hx[valid]).max())
+    assert float(jnp.abs(hx - hc)[valid].max()) <= 0.03 * scale
+    for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(gc)):
+        assert float(jnp.abs(a - b).max()) <= 0.03 * float(jnp.abs(a).max()) + 1e-6

@@ -42,3 +42,20 @@ def test_bad_flag_value_is_named():
     assert done.returncode != 0 and "rollout" in done.stderr and "grpo" in done.stderr
     done = _train("--not_a_flag=1", "--dry_run")
     assert done.returncode != 0 and "not_a_flag" in done.stderr
+
+
+def test_attention_flag_picks_cudnn_only_where_it_runs():
+    import jax
+    import jax.numpy as jnp
+    import pytest
+    from types import SimpleNamespace
+    from aepo_jax.train.trainer import Trainer
+
+    pick = lambda choice, dtype: Trainer._attention_impl(SimpleNamespace(cfg=SimpleNamespace(attention=choice)),
+                                                         dtype)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    assert pick("auto", jnp.float32) == "xla" and pick("xla", jnp.bfloat16) == "xla"
+    assert pick("auto", jnp.bfloat16) == ("cudnn" if on_gpu else "xla")
+    if not on_gpu:
+        with pytest.raises(ValueError, match="--attention=cudnn needs a GPU and --compute_dtype=bfloat16"):
+            pick("cudnn", jnp.bfloat16)
