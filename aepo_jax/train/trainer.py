@@ -345,7 +345,7 @@ class Trainer:
         logprob_fn = jax.jit(lambda p, b: step_lib.sequence_logprobs(self.graphdef, p, b,
                                                                       temperature=cfg.temperature,
                                                                       vocab_chunk=loss_config.vocab_chunk)[0])
-        reference = state.params if cfg.kl_coef > 0 else None
+        reference = self._reference(state.params, start) if cfg.kl_coef > 0 else None
         slots = cfg.rollout_slots or cfg.questions_per_step * k
         engine = self._engine(slots, state.params)
         eval_engine = None
@@ -398,6 +398,20 @@ class Trainer:
                 if step % cfg.checkpoint_every == 0 or step == cfg.rl_steps:
                     self._save(state, "rl", step, sampler)
         return state, summary
+
+    def _reference(self, params, start: int):
+        """The KL reference: the policy as RL began. Saved to <workdir>/reference at RL step 0 and read back
+        when a run resumes mid-RL (the latest checkpoint holds the current policy, not the reference)."""
+        path = os.path.join(self.workdir, "reference")
+        if start == 0:
+            native_checkpoint.save_params(nnx.merge(self.graphdef, params), path, overwrite=True)
+            return jax.tree.map(jnp.copy, params)  # its own buffers: the train step donates the policy's
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: the KL reference saved when RL began is missing, so a run with "
+                                    f"--kl_coef > 0 cannot resume at RL step {start}")
+        dtypes = {a.dtype for a in jax.tree.leaves(params)}
+        restored = native_checkpoint.load_params(path, param_dtype=dtypes.pop())
+        return jax.device_put(nnx.state(restored, nnx.Param), self.shardings.params)
 
     def _aligned(self, logprobs_tail) -> np.ndarray:
         """[N, T-1] per-target values -> [N, T] aligned with tokens (column 0 unused)."""

@@ -86,6 +86,20 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
         assert (a[name] == b[name]).all(), name
 
 
+def test_resume_with_a_kl_penalty_keeps_the_reference(uninterrupted, tmp_path):
+    """The KL reference is the policy as RL began, also after a resume in the middle of RL."""
+    runs = {}
+    for name, stops in (("straight", [4]), ("resumed", [2, 4])):
+        workdir = tmp_path / name
+        for rl_steps in stops:
+            done = _train(workdir, "--kl_coef=0.5", f"--rl_steps={rl_steps}", f"--export_hf_dir={workdir / 'hf'}")
+            assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = _tensors(workdir / "hf")
+    assert all((runs["straight"][n] == runs["resumed"][n]).all() for n in runs["straight"])
+    without_kl = _tensors(uninterrupted[0] / "hf")
+    assert any((runs["straight"][n] != without_kl[n]).any() for n in without_kl)  # the penalty acted
+
+
 def test_malformed_data_fails_before_compute(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "Q?", "answers": ["a"]}\n{"question": "Q2?"}\n')
