@@ -2,7 +2,7 @@
 
 Everything on the device is one pytree, `EngineState` (the per-layer KV buffers, and per slot: length,
 hidden state of the last token, PRNG key, recent-token history, stop state, sampling settings). The
-`Engine` class holds it and calls four jitted pure functions that take the model weights as an argument
+`Engine` class holds it and calls jitted pure functions that take the model weights as an argument
 and donate the state, so the cache is updated in place and new weights never recompile anything:
 
   prefill(slots, chunks)  append token chunks to chosen slots at their current positions (a prompt into a
@@ -18,6 +18,8 @@ and donate the state, so the cache is updated in place and new weights never rec
   fork(src, dst)          copy slots (cache rows, length, history, stop state, settings) into free slots; the
                           child's key is derived from the parent's (fold_in) unless same_key=True.
   release(slots)          free slots.
+  rewind(slots, lengths)  cut slots back to shorter lengths with a new seed (an AEPO branch re-samples
+                          from its fork's prefix).
 
 The next token of a slot is drawn from its stored hidden state (`hidden`, the final normed state of its
 last cached token), so a prefill ends by storing the hidden state of the chunk's last real token, and each

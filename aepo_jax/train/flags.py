@@ -57,7 +57,7 @@ SFT_STEPS = flags.DEFINE_integer("sft_steps", 100, "Optimiser steps of SFT")
 SFT_BATCH_SIZE = flags.DEFINE_integer("sft_batch_size", 16, "Sequences per SFT step")
 SFT_LEARNING_RATE = flags.DEFINE_float("sft_learning_rate", 1e-5,
                                        "Learning rate of SFT (constant after --warmup_steps)")
-MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 1024, "Longest training sequence (prompt + response)")
+MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 1024, "Longest SFT sequence (prompt + response)")
 
 # --- RL: rollout -------------------------------------------------------------------------------------
 RL_STEPS = flags.DEFINE_integer("rl_steps", 100, "RL steps (rollout + updates)")
@@ -87,7 +87,8 @@ TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature in tr
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling in training")
 DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 64, "Max decode steps per engine call")
 WAIT_FRACTION = flags.DEFINE_float("wait_fraction", 0.25,
-                                   "Return to the host when this fraction of active slots waits on tools")
+                                   "Return to the host when this fraction of the running slots has stopped "
+                                   "(tool tag, EOS or length)")
 TOOL_OVERLAP = flags.DEFINE_bool("tool_overlap", False,
                                  "Decode the other slots while tools run (for slow tools such as a remote "
                                  "search service); off: wait for the tools, then decode")
@@ -108,7 +109,7 @@ KL_ESTIMATOR = flags.DEFINE_enum("kl_estimator", "k3", ["k1", "k2", "k3"], "KL e
 ENTROPY_COEF = flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus")
 OLD_LOGPROBS = flags.DEFINE_enum("old_logprobs", "sampler", ["sampler", "recompute"],
                                  "pi_old from the sampler's records or a trainer forward before updating")
-LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-6, "AdamW learning rate (constant)")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-6, "RL AdamW learning rate (constant after --warmup_steps)")
 WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay")
 GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clip (0: off)")
 WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps")
