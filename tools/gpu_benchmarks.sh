@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md for the trainer and agent issues, in two device calls:
+# The GPU figures of docs/benchmarks.md for the trainer and agent issues, in three device calls:
 #   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention test, agentic rollout ratio, profiled RL step
-#   bash tools/gpu_benchmarks.sh train     # train-step MFU vs HF, peak memory, decode with cuBLAS GEMMs
+#   bash tools/gpu_benchmarks.sh train     # cuDNN test, profiled RL step, train-step MFU vs HF, peak memory
+#   bash tools/gpu_benchmarks.sh extra     # 8 x 4096 without remat, decode with cuBLAS instead of Triton GEMMs
 # Each measurement has its own time limit so one failure or hang does not lose the others. Packages the
 # device image lacks (bm25s, tensorboardX) come as wheels in .whl/ (pip download them here, carry .whl).
 set -u
@@ -14,6 +15,16 @@ RL_STEP=(python3 -m cProfile -o "$OUT/rl_step.prof" -m aepo_jax.train --flagfile
   --model_preset=0.6b --compute_dtype=bfloat16 --param_dtype=float32 --remat --rl_steps=3
   --questions_per_step=16 --group_size=8 --initial_rollouts=4 --max_response_tokens=512 --eval_every=0
   --dump_every=0 --mini_batches=4 --checkpoint_every=1000 --workdir=/tmp/rl_step_0.6b)
+rl_step_summary() {  # the RL step's timings per step, then the profile's top functions
+  python3 - "$OUT" <<'PY'
+import json, pstats, sys
+for row in map(json.loads, open("/tmp/rl_step_0.6b/metrics/metrics.jsonl")):
+    print({k: round(v, 3) for k, v in row.items() if k.startswith(("rl/time", "rl/rollout/seconds",
+           "rl/rollout/sampled", "rl/rollout/decode_calls", "rl/compilations", "rl/rollout/response_length",
+           "rl/rollout/tool_calls", "step"))})
+pstats.Stats(f"{sys.argv[1]}/rl_step.prof").sort_stats("tottime").print_stats(20)
+PY
+}
 case "${1:-rollout}" in
 rollout)
   run 150 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py -k "cudnn or bf16"
@@ -22,26 +33,13 @@ rollout)
     --wait_fraction 0.5
   run 240 "${RL_STEP[@]}"
   cp /tmp/rl_step_0.6b/metrics/metrics.jsonl "$OUT/rl_step_metrics.jsonl" 2>/dev/null
-  python3 - "$OUT" <<'PY'
-import json, pstats, sys
-for row in map(json.loads, open("/tmp/rl_step_0.6b/metrics/metrics.jsonl")):
-    print({k: round(v, 3) for k, v in row.items() if k.startswith(("rl/time", "rl/rollout/seconds",
-           "rl/rollout/sampled", "rl/rollout/decode_calls", "rl/compilations", "rl/rollout/response_length",
-           "rl/rollout/tool_calls", "step"))})
-pstats.Stats(f"{sys.argv[1]}/rl_step.prof").sort_stats("tottime").print_stats(22)
-PY
+  rl_step_summary
   ;;
 train)
   run 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py -k "cudnn"
   run 200 "${RL_STEP[@]}"
-  python3 - "$OUT" <<'PY'
-import json, pstats, sys
-for row in map(json.loads, open("/tmp/rl_step_0.6b/metrics/metrics.jsonl")):
-    print({k: round(v, 3) for k, v in row.items() if k.startswith(("rl/time", "rl/rollout/seconds",
-           "rl/rollout/sampled", "rl/rollout/decode_calls", "rl/compilations", "rl/rollout/response_length",
-           "rl/rollout/tool_calls", "step"))})
-pstats.Stats(f"{sys.argv[1]}/rl_step.prof").sort_stats("tottime").print_stats(16)
-PY
+  cp /tmp/rl_step_0.6b/metrics/metrics.jsonl "$OUT/rl_step_metrics.jsonl" 2>/dev/null
+  rl_step_summary
   run 260 python3 tools/benchmark_train.py throughput --preset 1.7b --batch 8 --seq 1024 --attention cudnn,xla
   run 150 python3 tools/benchmark_train.py memory --preset 1.7b --batch 8 --seq 4096 --remat --attention cudnn
   ;;
