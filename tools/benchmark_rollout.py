@@ -53,6 +53,9 @@ def main(argv=None):
     parser.add_argument("--wait_fraction", type=float, default=0.25)
     parser.add_argument("--tool_overlap", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="one more agentic run with every engine call synchronised and timed: device time "
+                             "of decode and prefill calls, host time between them, slot use inside decode")
     args = parser.parse_args(argv)
 
     config = qwen3.preset(args.preset)
@@ -91,6 +94,8 @@ def main(argv=None):
         runs = [fn(i + 1) for i in range(args.repeats)]
         best = max(runs, key=lambda r: r[0])
         rows[name] = dict(tokens_per_s=best[0], metrics=best[1])
+    if args.breakdown:
+        rows["breakdown"] = breakdown(engine, lambda: agentic(args.repeats + 1), args.batch)
     ratio = rows["agentic_rollout"]["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch,
                    prompt=args.prompt, response=args.response, tool_every=args.tool_every, ratio=ratio, **rows)
@@ -104,7 +109,55 @@ def main(argv=None):
           f"({m.get('rollout/tool_calls_per_traj', 0):.1f} tool calls/trajectory, "
           f"{m.get('rollout/decode_calls', 0):.0f} decode calls)")
     print(f"ratio             {ratio:10.1%}")
+    if args.breakdown:
+        b = rows["breakdown"]
+        print(f"breakdown (synchronised run, {b['seconds']:.2f} s, {b['tokens_per_s']:.0f} sampled tokens/s): "
+              f"decode {b['decode_s']:.2f} s in {b['decode_calls']} calls ({b['decode_steps']} steps, "
+              f"{b['decode_ms_per_step']:.2f} ms/step, slot use {b['slot_use']:.1%}), prefill {b['prefill_s']:.2f} s "
+              f"in {b['prefill_calls']} calls ({b['prefill_slow_calls']} over 1 s), host {b['host_s']:.2f} s; "
+              f"per round: decode {b['decode_ms_per_call']:.1f} ms, prefill {b['prefill_ms_per_call']:.1f} ms, "
+              f"host {b['host_ms_per_round']:.1f} ms")
     return summary
+
+
+def breakdown(engine, run, batch):
+    """Runs `run` with the engine's decode and prefill synchronised and timed (measurement only)."""
+    calls = []
+    decode, prefill = engine.decode, engine.prefill
+
+    def timed_decode(*a, **k):
+        t0 = time.perf_counter()
+        res = decode(*a, **k)
+        jax.block_until_ready(res.output)
+        calls.append(("decode", time.perf_counter() - t0, int(res.steps), int(res.counts.sum())))
+        return res
+
+    def timed_prefill(slots, chunks, **k):
+        t0 = time.perf_counter()
+        out = prefill(slots, chunks, **k)
+        jax.block_until_ready(engine.state.lengths)
+        n = 1 if isinstance(slots, (int, np.integer)) else len(slots)
+        calls.append(("prefill", time.perf_counter() - t0, n, sum(len(c) for c in chunks)))
+        return out
+
+    engine.decode, engine.prefill = timed_decode, timed_prefill
+    try:
+        tokens_per_s, metrics = run()
+    finally:
+        engine.decode, engine.prefill = decode, prefill
+    seconds = metrics["rollout/seconds"]
+    dec = [c for c in calls if c[0] == "decode"]
+    pre = [c for c in calls if c[0] == "prefill"]
+    decode_s, prefill_s = sum(c[1] for c in dec), sum(c[1] for c in pre)
+    steps, sampled = sum(c[2] for c in dec), sum(c[3] for c in dec)
+    return dict(seconds=seconds, tokens_per_s=tokens_per_s, decode_calls=len(dec), decode_s=decode_s,
+                decode_steps=steps, decode_ms_per_step=1e3 * decode_s / max(steps, 1),
+                slot_use=sampled / max(steps * batch, 1), prefill_calls=len(pre), prefill_s=prefill_s,
+                prefill_slow_calls=sum(c[1] > 1.0 for c in pre), prefill_tokens=sum(c[3] for c in pre),
+                host_s=seconds - decode_s - prefill_s, decode_ms_per_call=1e3 * decode_s / max(len(dec), 1),
+                prefill_ms_per_call=1e3 * prefill_s / max(len(pre), 1),
+                host_ms_per_round=1e3 * (seconds - decode_s - prefill_s) / max(len(dec), 1),
+                calls=[list(c) for c in calls])
 
 
 if __name__ == "__main__":

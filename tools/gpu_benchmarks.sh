@@ -2,6 +2,7 @@
 # The GPU figures of docs/benchmarks.md for the trainer and agent issues, in three device calls:
 #   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention test, agentic rollout ratio, profiled RL step
 #   bash tools/gpu_benchmarks.sh train     # cuDNN test, profiled RL step, train-step MFU vs HF, peak memory
+#   bash tools/gpu_benchmarks.sh trainprof # per-op GPU time of the 1.7B train step (before / after a change)
 #   bash tools/gpu_benchmarks.sh extra     # 8 x 4096 without remat, decode with cuBLAS instead of Triton GEMMs
 # Each measurement has its own time limit so one failure or hang does not lose the others. Packages the
 # device image lacks (bm25s, tensorboardX) come as wheels in .whl/ (pip download them here, carry .whl).
@@ -42,6 +43,16 @@ train)
   rl_step_summary
   run 260 python3 tools/benchmark_train.py throughput --preset 1.7b --batch 8 --seq 1024 --attention cudnn,xla
   run 150 python3 tools/benchmark_train.py memory --preset 1.7b --batch 8 --seq 4096 --remat --attention cudnn
+  ;;
+trainprof)  # per-op GPU time of the 1.7B train step; with .base/aepo_jax (a copy of the code before a change,
+            # carried) the same profile of that code first, in its own process
+  for tag in base new; do
+    if [ "$tag" = base ]; then [ -d .base/aepo_jax ] || continue; pp=/tmp/site:$PWD/.base; else pp=/tmp/site:$PWD; fi
+    echo "=== profile $tag"
+    PYTHONPATH=$pp timeout "${PROFILE_LIMIT:-230}" python3 tools/profile_train_step.py --tag "$tag" --top 60 \
+      > "$OUT/profile_$tag.log" 2>&1
+    grep -vE "^[IW][0-9]{4} " "$OUT/profile_$tag.log" | grep -v "top ops" | grep -B30 "non-matmul" | tail -22
+  done
   ;;
 extra)
   run 150 python3 tools/benchmark_train.py memory --preset 1.7b --batch 8 --seq 4096 --attention cudnn

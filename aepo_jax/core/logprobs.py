@@ -54,8 +54,10 @@ def token_logprobs_and_entropy(
     """(log p(target), H) for every position, from hidden states and the LM-head matrix, vocab-chunked.
 
     Args:
-      hidden: [..., H] final normed hidden states (any float dtype; bf16 is computed in float32 per chunk).
-      lm_head: [H, V] the output projection (logits = hidden @ lm_head).
+      hidden: [..., H] final normed hidden states (any float dtype).
+      lm_head: [H, V] the output projection (logits = hidden @ lm_head). The matmuls of both passes take
+        their operands in the promoted dtype of the two (bf16 and bf16: bf16 operands) and accumulate in
+        float32; the softmax statistics are float32 whatever the inputs.
       targets: [...] integer next-token ids.
       temperature: T, logits are divided by it (float or traced scalar; differentiable).
       chunk_size: vocabulary columns per chunk (static). The last chunk overlaps the previous one instead
@@ -128,7 +130,11 @@ def _chunked_fwd(h, w, y, inv_t, chunk):
 def _chunked_bwd(chunk, residuals, cotangents):
     h, w, y, inv_t, log_z, entropy = residuals
     g_logp, g_entropy = cotangents
-    h32 = h.astype(_F32)
+    # The two gradient matmuls take their operands in the forward matmul's dtype (bf16 inputs: bf16
+    # operands, float32 accumulation, as any bf16 matmul's backward pass), not float32: d_logits is
+    # rounded to that dtype once per element, and d_h still accumulates over the chunks in float32.
+    op_dtype = jnp.promote_types(h.dtype, w.dtype)
+    h_op = h.astype(op_dtype)
 
     def body(carry, i):
         d_h, d_w, d_inv_t = carry
@@ -137,12 +143,12 @@ def _chunked_bwd(chunk, residuals, cotangents):
         p = jnp.where(fresh, jnp.exp(logp), 0.0)
         onehot = (fresh & (cols == y[:, None])).astype(_F32)
         d_z = g_logp[:, None] * (onehot - p) - g_entropy[:, None] * p * (logp + entropy[:, None])
-        d_logits = d_z * inv_t
-        d_h = d_h + jnp.dot(d_logits, w_c.T.astype(_F32))
+        d_logits = (d_z * inv_t).astype(op_dtype)
+        d_h = d_h + jnp.dot(d_logits, w_c.T.astype(op_dtype), preferred_element_type=_F32)
         # Each column gets exactly one non-zero update (overlapping columns get + 0), so accumulating in
         # lm_head's own dtype is exact.
         start = cols[0]
-        d_w_c = jnp.dot(h32.T, d_logits).astype(d_w.dtype)
+        d_w_c = jnp.dot(h_op.T, d_logits, preferred_element_type=_F32).astype(d_w.dtype)
         d_w = lax.dynamic_update_slice_in_dim(
             d_w, lax.dynamic_slice_in_dim(d_w, start, chunk, axis=1) + d_w_c, start, axis=1)
         return (d_h, d_w, d_inv_t + jnp.sum(d_z * raw)), None

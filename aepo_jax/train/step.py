@@ -102,7 +102,9 @@ def sequence_logprobs(graphdef, params, batch, *, temperature: float, vocab_chun
     model = nnx.merge(graphdef, params)
     tokens = batch["tokens"]
     hidden = model.hidden_states(tokens[:, :-1], attention_mask=batch["attention_mask"][:, :-1])
-    return token_logprobs_and_entropy(hidden, model.lm_head_kernel(), tokens[:, 1:],
+    # The LM head runs in the compute dtype, as in `model.logits` (bf16 compute: bf16 matmul operands with
+    # float32 accumulation; float32 master weights would otherwise make it a float32 / TF32 matmul).
+    return token_logprobs_and_entropy(hidden, model.lm_head_kernel().astype(hidden.dtype), tokens[:, 1:],
                                       temperature=temperature, chunk_size=vocab_chunk)
 
 
@@ -147,28 +149,36 @@ def _micro_share(mask, total_mask, aggregation):
 def train_step(graphdef, optimizer: optax.GradientTransformation, config: LossConfig, state: TrainState,
                batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on `batch` (split into config.microbatches for gradient accumulation)."""
-    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     m = config.microbatches
     n = batch["tokens"].shape[0]
     if n % m:
         raise ValueError(f"batch of {n} sequences is not divisible into {m} micro-batches")
-    micro = jax.tree.map(lambda x: x.reshape(m, n // m, *x.shape[1:]), batch)
     total_mask = batch["loss_mask"][:, 1:]
 
-    def accumulate(carry, mb):
-        grads_sum, metrics_sum = carry
-        (loss, metrics), grads = grad_fn(state.params, graphdef, mb, config)
+    def micro_step(mb):
+        """(share-weighted gradients, share-weighted metrics) of one micro-batch. The share scales the
+        loss before differentiation, so the weighting costs no pass over the gradients."""
         share = _micro_share(mb["loss_mask"][:, 1:], total_mask, config.aggregation)
-        metrics = dict(metrics, loss=loss)
-        return (jax.tree.map(lambda a, g: a + share * g, grads_sum, grads),
-                jax.tree.map(lambda a, v: a + share * v, metrics_sum, metrics)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    metric_shapes = jax.eval_shape(lambda: dict(grad_fn(state.params, graphdef,
-                                                        jax.tree.map(lambda x: x[0], micro), config)[0][1],
-                                                loss=jnp.zeros(())))
-    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), micro)
+        def weighted(params):
+            loss, metrics = loss_and_metrics(params, graphdef, mb, config)
+            return share * loss, dict(metrics, loss=loss)
+
+        (_, metrics), grads = jax.value_and_grad(weighted, has_aux=True)(state.params)
+        return grads, jax.tree.map(lambda v: share * v, metrics)
+
+    if m == 1:
+        grads, metrics = micro_step(batch)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(m, n // m, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            grads, metrics = micro_step(mb)
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+        shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
