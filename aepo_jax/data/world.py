@@ -7,6 +7,7 @@ A seeded generator of a small world the agent can only answer by searching (AEPO
   world.train         # [Question], answers need one or two searches and sometimes `python`
   world.heldout       # [Question] about guilds no train question touches
   sft_examples(world) # [{"prompt", "response"}], a correct trace in the agent format per train question
+  sft_examples(world, guess_fraction=0.3)  # 30% of them answer with a guess, without the tools
   write_world(world, "demo/")   # corpus.jsonl, train.jsonl, heldout.jsonl, sft.jsonl
   build_demo("demo/", seed=0)   # the same + tokenizer.model (SentencePiece) + world.json
   demo_model_config(vocab_size) # the tiny Qwen3 of the CPU demo
@@ -54,6 +55,12 @@ appends after a tool call:
   </result>
   <think>The colour of BiSa is red.</think>
   <answer>\boxed{red}</answer>
+An imperfect teacher. With `guess_fraction` > 0 (the demo's default is `DEMO_GUESS_FRACTION`), that share
+of the traces (`guess_response`) open with the same thought and then answer with a guess, without the
+tools. SFT on them leaves a policy that guesses about as often, decided by one token after the first
+thought (`<search>` or `<answer>`); searching is what RL has to learn, since a guess earns 0 (right only
+by chance) and a right answer 1 (1.1 with both tools).
+
 The result text comes from `search_fn(query)` / `python_fn(code)`; the defaults reproduce the real tools'
 output for these calls: `SearchTool(corpus=corpus.jsonl, top_k=1)` (whose top passage for a guild's name
 is that guild's passage) and `PythonTool` (a bare final expression gives its repr);
@@ -208,6 +215,9 @@ class _Rng:
 
     def __init__(self, seed: int):
         self._r = random.Random(int(seed))
+
+    def random(self) -> float:
+        return self._r.random()
 
     def below(self, n: int) -> int:
         return min(int(self._r.random() * n), n - 1)
@@ -405,7 +415,7 @@ def reference_response(world: World, question: Question, search_fn: Callable[[st
     """A correct response to `question` in the agent format (see the module doc), ending with `</answer>`."""
     search = search_fn or default_search_fn(world)
     python = python_fn or default_python_fn
-    parts: list[str] = []
+    parts = [f"<think>{first_thought(question)}</think>"]
 
     def think(text):
         parts.append(f"<think>{text}</think>")
@@ -416,22 +426,17 @@ def reference_response(world: World, question: Question, search_fn: Callable[[st
     t, subjects = question.template, question.subjects
     e = world.entity(subjects[0])
     if t.startswith("single_"):
-        attr = t[len("single_"):]
-        think(_THINK["single"].format(noun=_NOUN[attr], x=e.name))
         call("search", e.name, search)
-        think(e.fact(attr))
+        think(e.fact(t[len("single_"):]))
     elif t.startswith("two_hop_"):
-        attr = t[len("two_hop_"):]
         ally = world.entity(e.ally)
-        think(_THINK["two_hop"].format(noun=_NOUN[attr], x=e.name))
         call("search", e.name, search)
         think(e.fact("ally"))
         call("search", ally.name, search)
-        think(ally.fact(attr))
-    elif t in _ARITHMETIC:
+        think(ally.fact(t[len("two_hop_"):]))
+    else:
         other = world.entity(subjects[1])
         attr = "founded" if t == "year_gap" else "members"
-        think(_THINK["arithmetic"].format(noun=_NOUN[attr], x=e.name, y=other.name))
         for g in (e, other):
             call("search", g.name, search)
             think(g.fact(attr))
@@ -440,18 +445,58 @@ def reference_response(world: World, question: Question, search_fn: Callable[[st
         else:
             code = f"{e.members} + {other.members}"
         call("python", code, python)
-    else:
-        raise ValueError(f"unknown template {t!r}; expected one of {TEMPLATES}")
     parts.append(f"<answer>\\boxed{{{question.answers[0]}}}</answer>")
     return "\n".join(parts)
 
 
+def first_thought(question: Question) -> str:
+    """The thought a response opens with: what the question needs ("I need the city of KaZo.")."""
+    t, subjects = question.template, question.subjects
+    if t.startswith("single_"):
+        return _THINK["single"].format(noun=_NOUN[t[len("single_"):]], x=subjects[0])
+    if t.startswith("two_hop_"):
+        return _THINK["two_hop"].format(noun=_NOUN[t[len("two_hop_"):]], x=subjects[0])
+    if t in _ARITHMETIC:
+        attr = "founded" if t == "year_gap" else "members"
+        return _THINK["arithmetic"].format(noun=_NOUN[attr], x=subjects[0], y=subjects[1])
+    raise ValueError(f"unknown template {t!r}; expected one of {TEMPLATES}")
+
+
+def guess_response(world: World, question: Question, rng: _Rng) -> str:
+    """The response of a teacher that answers without the tools: the reference's first thought, then a
+    value of the right kind drawn at random (a city of the world, a year in the founding range, a member
+    count, a colour, a train guild's name, a number in the range of a gap or a sum). Right only by chance."""
+    kind = question.template.removeprefix("single_").removeprefix("two_hop_")  # an attribute or arithmetic
+    held = set(world.heldout_entities)
+    draw = {"city": lambda: rng.choice(sorted({g.city for g in world.entities})),
+            "founded": lambda: rng.between(1700, 2020),
+            "members": lambda: rng.between(12, 9990),
+            "colour": lambda: rng.choice(COLOURS),
+            "ally": lambda: rng.choice([g.name for g in world.entities if g.name not in held]),
+            "year_gap": lambda: rng.between(1, 320),
+            "members_sum": lambda: rng.between(24, 19980)}
+    return f"<think>{first_thought(question)}</think>\n<answer>\\boxed{{{draw[kind]()}}}</answer>"
+
+
 def sft_examples(world: World, search_fn: Callable[[str], str] | None = None,
-                 python_fn: Callable[[str], str] | None = None) -> list[dict]:
-    """{"prompt", "response"} for every train question, in the order of `world.train`."""
+                 python_fn: Callable[[str], str] | None = None, guess_fraction: float = 0.0) -> list[dict]:
+    """{"prompt", "response"} for every train question, in the order of `world.train`.
+
+    guess_fraction: the share of questions (drawn with the world's seed) whose response is a
+    `guess_response` instead of a `reference_response`: an imperfect teacher that sometimes answers without
+    the tools. SFT on such traces leaves a policy that guesses about that often; RL has to learn that
+    searching pays (the demo's default is `DEMO_GUESS_FRACTION`).
+    """
+    if not 0.0 <= guess_fraction < 1.0:
+        raise ValueError(f"guess_fraction must be in [0, 1), got {guess_fraction}")
     search = search_fn or default_search_fn(world)
-    return [{"prompt": render_prompt(q.question), "response": reference_response(world, q, search, python_fn)}
-            for q in world.train]
+    rng = _Rng(world.seed + 1)
+    examples = []
+    for q in world.train:
+        guess = rng.random() < guess_fraction
+        response = guess_response(world, q, rng) if guess else reference_response(world, q, search, python_fn)
+        examples.append({"prompt": render_prompt(q.question), "response": response})
+    return examples
 
 
 def world_texts(world: World, search_fn: Callable[[str], str] | None = None,
@@ -474,8 +519,10 @@ def _jsonl(records) -> bytes:
 
 
 def write_world(world: World, out_dir: str | os.PathLike, search_fn: Callable[[str], str] | None = None,
-                python_fn: Callable[[str], str] | None = None, overwrite: bool = False) -> dict[str, str]:
-    """Writes corpus.jsonl, train.jsonl, heldout.jsonl and sft.jsonl into `out_dir`; returns name -> path.
+                python_fn: Callable[[str], str] | None = None, overwrite: bool = False,
+                guess_fraction: float = 0.0) -> dict[str, str]:
+    """Writes corpus.jsonl, train.jsonl, heldout.jsonl and sft.jsonl (`sft_examples` with
+    `guess_fraction`) into `out_dir`; returns name -> path.
 
     Refuses to replace existing files unless `overwrite`. Byte-identical for the same world.
     """
@@ -484,7 +531,7 @@ def write_world(world: World, out_dir: str | os.PathLike, search_fn: Callable[[s
         "corpus.jsonl": _jsonl(world.corpus),
         "train.jsonl": _jsonl(q.to_json() for q in world.train),
         "heldout.jsonl": _jsonl(q.to_json() for q in world.heldout),
-        "sft.jsonl": _jsonl(sft_examples(world, search_fn, python_fn)),
+        "sft.jsonl": _jsonl(sft_examples(world, search_fn, python_fn, guess_fraction)),
     }
     paths = {name: os.path.join(out_dir, name) for name in files}
     existing = [p for p in paths.values() if os.path.exists(p)]
@@ -500,6 +547,7 @@ def write_world(world: World, out_dir: str | os.PathLike, search_fn: Callable[[s
 # ------------------------------------------------------------------------------ demo tokenizer, model
 
 DEMO_VOCAB_SIZE = 512
+DEMO_GUESS_FRACTION = 0.3  # share of the demo's SFT traces that guess instead of searching (`sft_examples`)
 
 
 def demo_symbols() -> tuple[str, ...]:
@@ -525,11 +573,13 @@ def demo_model_config(vocab_size: int):
 
 
 def build_demo(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = DEMO_VOCAB_SIZE,
-               overwrite: bool = False, **world_kwargs) -> dict[str, str]:
+               overwrite: bool = False, guess_fraction: float = DEMO_GUESS_FRACTION,
+               **world_kwargs) -> dict[str, str]:
     """Generates the world of `seed` and writes everything the demo run needs into `out_dir`:
-    corpus.jsonl, train.jsonl, heldout.jsonl, sft.jsonl (`write_world`), tokenizer.model (a SentencePiece
-    model trained on `world_texts`) and world.json (the generator's arguments and counts). Returns
-    name -> path. Byte-identical for the same arguments. `world_kwargs` go to `make_world`."""
+    corpus.jsonl, train.jsonl, heldout.jsonl, sft.jsonl (`write_world`; `guess_fraction` of its traces
+    guess without the tools), tokenizer.model (a SentencePiece model trained on `world_texts`) and
+    world.json (the generator's arguments and counts). Returns name -> path. Byte-identical for the same
+    arguments. `world_kwargs` go to `make_world`."""
     from aepo_jax.data.tokenizer import train_sentencepiece
 
     world = make_world(seed, **world_kwargs)
@@ -538,7 +588,7 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = DEMO
     existing = [p for p in paths.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite)")
-    paths.update(write_world(world, out_dir, overwrite=overwrite))
+    paths.update(write_world(world, out_dir, overwrite=overwrite, guess_fraction=guess_fraction))
     tok = train_sentencepiece(world_texts(world), paths["tokenizer.model"], vocab_size,
                               user_defined_symbols=demo_symbols(), overwrite=True)
     args = inspect.signature(make_world).bind(seed, **world_kwargs)
@@ -546,7 +596,7 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = DEMO
     info = {"seed": world.seed, "make_world": {k: v for k, v in args.arguments.items() if k != "seed"},
             "num_entities": len(world.entities), "num_train": len(world.train),
             "num_heldout": len(world.heldout), "heldout_entities": list(world.heldout_entities),
-            "vocab_size": tok.vocab_size}
+            "vocab_size": tok.vocab_size, "sft_guess_fraction": guess_fraction}
     with open(paths["world.json"], "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -32,7 +32,7 @@ from aepo_jax.engine import Engine, SamplingParams
 from aepo_jax.models import native_checkpoint, qwen3, sharding
 from aepo_jax.train import distributed, step as step_lib
 from aepo_jax.train.checkpoint import Checkpointer, abstract_like
-from aepo_jax.train.metrics import CompilationCounter, MetricsWriter, progress_line
+from aepo_jax.train.metrics import CompilationCounter, MetricsWriter, progress_line, read_metrics, rl_report
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -204,6 +204,9 @@ class Trainer:
             position = None
         self.checkpointer.close()
         self.metrics.close()
+        if "rl" in phases and self.metrics.enabled:
+            print(rl_report(read_metrics(os.path.join(self.metrics.logdir, "metrics.jsonl")),
+                            self._global_step("rl", 0)), flush=True)
         if cfg.export_hf_dir and jax.process_index() == 0:
             qwen3.save_pretrained(nnx.merge(self.graphdef, state.params), cfg.export_hf_dir, overwrite=True)
             print(f"exported the model to {cfg.export_hf_dir}", flush=True)

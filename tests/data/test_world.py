@@ -225,6 +225,39 @@ def test_traces_pass_the_format_check_and_earn_full_reward(world):
         assert not response.startswith(" ") and response.endswith("</answer>")
 
 
+def test_guess_traces_answer_without_the_tools(world):
+    """With guess_fraction, that share of the traces opens with the reference's first thought and then
+    guesses (well-formed, no tool call, right only by luck); the rest are the reference traces."""
+    reward = get_reward_fn("f1_format")
+    reference = W.sft_examples(world)
+    mixed = W.sft_examples(world, guess_fraction=0.4)
+    assert mixed == W.sft_examples(world, guess_fraction=0.4)  # seeded
+    held = set(world.heldout_entities)
+    guessed, lucky = collections.Counter(), 0
+    for q, ref, ex in zip(world.train, reference, mixed):
+        assert ex["prompt"] == ref["prompt"]
+        if ex["response"] == ref["response"]:
+            continue
+        guessed[q.template] += 1
+        first_thought, answer = ex["response"].split("\n")[0], extract_boxed(extract_answer(ex["response"]))
+        assert ref["response"].startswith(first_thought + "\n<search>")
+        assert ex["response"] == f"{first_thought}\n<answer>\\boxed{{{answer}}}</answer>"
+        assert check_format(ex["response"]).ok and not _calls(ex["response"])
+        lucky += answer == q.answers[0]
+        assert reward(ex["response"], list(q.answers)).score == float(answer == q.answers[0])
+        if q.template.endswith("ally"):
+            assert answer in {e.name for e in world.entities} - held
+        elif q.template.endswith(("city", "colour")):
+            assert answer in {e.city for e in world.entities} | set(W.COLOURS)
+        else:
+            assert answer.isdigit()
+    assert abs(sum(guessed.values()) / len(world.train) - 0.4) < 0.04
+    assert set(guessed) == set(W.TEMPLATES)
+    assert lucky < 0.05 * sum(guessed.values())  # guessing fails
+    with pytest.raises(ValueError, match="guess_fraction"):
+        W.sft_examples(world, guess_fraction=1.0)
+
+
 def test_hand_checked_trace():
     a = W.Entity("KaZo", "MiRaVo", 1954, 4520, "amber", "BiSa")
     b = W.Entity("BiSa", "DaKoRi", 1987, 870, "red", "KaZo")

@@ -60,6 +60,9 @@ def test_run_writes_metrics_dumps_and_an_hf_model(uninterrupted):
     assert len(dumps) == 2 * 2 * 2  # steps 2 and 4, 2 questions x 2 trajectories
     assert any("⟦" in d["text"] for d in dumps if d["tool_calls"])  # tool results are marked as masked
     assert "rl [4/4" in done.stdout and "reward" in done.stdout
+    report = done.stdout[done.stdout.index("RL report"):]
+    assert "per RL step, 1..4" in report and "pass@1" in report  # the final report, with RL steps 0, 2, 4
+    assert [line.split()[0] for line in report.splitlines()[2:5]] == ["0", "2", "4"]
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(str(workdir / "hf"), local_files_only=True)
     assert model.config.num_hidden_layers == 4
@@ -98,6 +101,26 @@ def test_resume_with_a_kl_penalty_keeps_the_reference(uninterrupted, tmp_path):
     assert all((runs["straight"][n] == runs["resumed"][n]).all() for n in runs["straight"])
     without_kl = _tensors(uninterrupted[0] / "hf")
     assert any((runs["straight"][n] != without_kl[n]).any() for n in without_kl)  # the penalty acted
+
+
+def test_recomputed_old_logprobs_are_the_trainers_own(tmp_path):
+    """--old_logprobs=recompute: the old log-probs come from the trainer's forward at the rollout's weights,
+    aligned with the tokens they score. With one mini-batch per step the update starts from those weights,
+    so the gap to the trainer's log-probs is zero up to float rounding and no ratio is clipped; with the
+    sampler's log-probs the gap is the engine-vs-trainer difference (small in float32, but not zero)."""
+    gaps = {}
+    for source in ("recompute", "sampler"):
+        workdir = tmp_path / source
+        done = _train(workdir, f"--old_logprobs={source}", "--mini_batches=1", "--eval_every=0", "--rl_steps=2")
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(l) for l in (workdir / "metrics" / "metrics.jsonl").read_text().splitlines()]
+        rl = [r for r in rows if "rl/logprob_gap" in r]
+        assert len(rl) == 2
+        gaps[source] = max(r["rl/logprob_gap"] for r in rl)
+        if source == "recompute":
+            assert all(r["rl/clipfrac_low"] == r["rl/clipfrac_high"] == 0 for r in rl)
+    assert gaps["recompute"] < 1e-5, gaps
+    assert gaps["recompute"] < gaps["sampler"] < 1e-2, gaps
 
 
 def test_malformed_data_fails_before_compute(tmp_path):
