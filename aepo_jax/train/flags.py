@@ -93,6 +93,11 @@ TOOL_OVERLAP = flags.DEFINE_bool("tool_overlap", False,
                                  "Decode the other slots while tools run (for slow tools such as a remote "
                                  "search service); off: wait for the tools, then decode")
 
+PROMPT_FORMAT = flags.DEFINE_enum("prompt_format", "auto", ["auto", "chat", "plain"],
+                                  "RL and eval prompts: chat renders the system + user messages with the "
+                                  "tokenizer's chat template (e.g. Qwen3's), plain the demo's text prompt; auto: "
+                                  "chat when the tokenizer has a template")
+
 # --- RL: loss and optimiser ----------------------------------------------------------------------------
 POLICY_LOSS = flags.DEFINE_string("policy_loss", "aepo", "Entry of aepo_jax.core.losses.POLICY_LOSSES")
 ADVANTAGE = flags.DEFINE_enum("advantage", "grpo", ["grpo", "grpo_no_std", "dr_grpo", "rloo"],
