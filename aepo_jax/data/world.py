@@ -109,6 +109,7 @@ _ARITHMETIC = {
     "year_gap": "How many years passed between the founding of {x} and of {y}?",
     "members_sum": "How many members do {x} and {y} have together?",
 }
+_ARITHMETIC_ATTRIBUTE = {"year_gap": "founded", "members_sum": "members"}  # the value each one reads
 _NOUN = {"city": "city", "founded": "founding year", "members": "member count", "colour": "colour",
          "ally": "ally"}
 _FACT = {
@@ -372,6 +373,20 @@ def prompt_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question.strip()}]
 
 
+def encode_prompt(tokenizer, question: str, prompt_format: str = "auto") -> list[int]:
+    """Token ids of the prompt for `question`, as the trainer builds every RL and eval prompt: "chat" renders
+    `prompt_messages` with the tokenizer's chat template and the assistant's turn opened (a real Qwen3's
+    tokenizer); "plain" encodes `render_prompt` (the demo's SentencePiece tokenizer has no template);
+    "auto" picks chat when the tokenizer has a template."""
+    from aepo_jax.data.tokenizer import encode_chat
+
+    if prompt_format not in ("auto", "chat", "plain"):
+        raise ValueError(f"prompt_format must be auto, chat or plain, got {prompt_format!r}")
+    if prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None)):
+        return encode_chat(tokenizer, prompt_messages(question))
+    return tokenizer.encode(render_prompt(question))
+
+
 def default_search_fn(world: World) -> Callable[[str], str]:
     """Exact (case-insensitive) title lookup in the world corpus, formatted as the `search` tool does."""
     titles = {p["title"].lower(): p for p in world.corpus}
@@ -436,7 +451,7 @@ def reference_response(world: World, question: Question, search_fn: Callable[[st
         think(ally.fact(t[len("two_hop_"):]))
     else:
         other = world.entity(subjects[1])
-        attr = "founded" if t == "year_gap" else "members"
+        attr = _ARITHMETIC_ATTRIBUTE[t]
         for g in (e, other):
             call("search", g.name, search)
             think(g.fact(attr))
@@ -457,8 +472,7 @@ def first_thought(question: Question) -> str:
     if t.startswith("two_hop_"):
         return _THINK["two_hop"].format(noun=_NOUN[t[len("two_hop_"):]], x=subjects[0])
     if t in _ARITHMETIC:
-        attr = "founded" if t == "year_gap" else "members"
-        return _THINK["arithmetic"].format(noun=_NOUN[attr], x=subjects[0], y=subjects[1])
+        return _THINK["arithmetic"].format(noun=_NOUN[_ARITHMETIC_ATTRIBUTE[t]], x=subjects[0], y=subjects[1])
     raise ValueError(f"unknown template {t!r}; expected one of {TEMPLATES}")
 
 

@@ -67,18 +67,6 @@ def pack(sequences: Sequence[tuple[list[int], list[int]]], length: int, pad_id: 
     return dict(tokens=tokens, attention_mask=attention, loss_mask=mask, **extra)
 
 
-def encode_prompt(tokenizer, question: str, prompt_format: str = "auto") -> list[int]:
-    """Token ids of the prompt for `question`: "chat" renders `world.prompt_messages` (the tools'
-    instruction as the system message, the question as the user's) with the tokenizer's chat template and
-    the assistant's turn opened; "plain" encodes `world.render_prompt` (the demo's text prompt, for
-    tokenizers without a template); "auto" picks chat when the tokenizer has a template."""
-    if prompt_format not in ("auto", "chat", "plain"):
-        raise ValueError(f"prompt_format must be auto, chat or plain, got {prompt_format!r}")
-    if prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None)):
-        return tok_lib.encode_chat(tokenizer, world_lib.prompt_messages(question))
-    return tokenizer.encode(world_lib.render_prompt(question))
-
-
 def render_trajectory(tokenizer, traj: rollout_lib.Trajectory) -> str:
     """The response as text with the masked (tool-result) spans marked ⟦like this⟧."""
     out, start = [], 0
@@ -316,7 +304,8 @@ class Trainer:
             wait_fraction=cfg.wait_fraction, tool_overlap=cfg.tool_overlap)
 
     def _prompts(self, records) -> list[list[int]]:
-        prompts = [encode_prompt(self.tokenizer, r.question, self.cfg.prompt_format) for r in records]
+        prompts = [world_lib.encode_prompt(self.tokenizer, r.question, self.cfg.prompt_format)
+                   for r in records]
         for r, p in zip(records, prompts):
             if len(p) > self.cfg.max_prompt_tokens:
                 raise datasets.DataError(f"{r.id}: the prompt is {len(p)} tokens > --max_prompt_tokens="

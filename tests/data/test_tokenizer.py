@@ -37,6 +37,26 @@ def test_chat_template_applied(tmp_path):
     assert got == want
 
 
+def test_prompts_use_the_chat_template_when_there_is_one(tmp_path):
+    """--prompt_format: a tokenizer with a chat template (a real Qwen3's) gets the system + user messages
+    through it with the assistant's turn opened; one without gets the demo's plain-text prompt."""
+    ids = _write_tokenizer(tmp_path / "chat")  # a word-level vocabulary: unknown words -> <unk>
+    chat = load_tokenizer(tmp_path / "chat")
+    question = "what is 2+2 ?"
+    want = ([ids["<|im_start|>"], ids["system"]] + [ids["<unk>"]] * len(W.SYSTEM_PROMPT.split())
+            + [ids["<|im_end|>"], ids["<|im_start|>"], ids["user"]] + [ids[w] for w in question.split()]
+            + [ids["<|im_end|>"], ids["<|im_start|>"], ids["assistant"]])
+    assert W.encode_prompt(chat, question) == W.encode_prompt(chat, question, "chat") == want
+    assert W.encode_prompt(chat, question, "plain") == chat.encode(W.render_prompt(question)) != want
+    _write_tokenizer(tmp_path / "plain", with_template=False)
+    plain = load_tokenizer(tmp_path / "plain")
+    assert W.encode_prompt(plain, question) == plain.encode(W.render_prompt(question))
+    with pytest.raises(ValueError, match="no chat_template"):
+        W.encode_prompt(plain, question, "chat")
+    with pytest.raises(ValueError, match="prompt_format"):
+        W.encode_prompt(chat, question, "jinja")
+
+
 def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")

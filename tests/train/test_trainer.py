@@ -123,31 +123,6 @@ def test_recomputed_old_logprobs_are_the_trainers_own(tmp_path):
     assert gaps["recompute"] < gaps["sampler"] < 1e-2, gaps
 
 
-def test_prompts_use_the_chat_template_when_there_is_one(tmp_path):
-    """--prompt_format: a tokenizer with a chat template (a real Qwen3's) gets the system + user messages
-    through it with the assistant's turn opened; one without gets the demo's plain-text prompt."""
-    from aepo_jax.data import world as W
-    from aepo_jax.data.tokenizer import load_tokenizer
-    from aepo_jax.train.trainer import encode_prompt
-    from tests.data.test_tokenizer import _write_tokenizer
-
-    ids = _write_tokenizer(tmp_path / "chat")  # a word-level vocabulary: unknown words -> <unk>
-    chat = load_tokenizer(tmp_path / "chat")
-    question = "what is 2+2 ?"
-    want = ([ids["<|im_start|>"], ids["system"]] + [ids["<unk>"]] * len(W.SYSTEM_PROMPT.split())
-            + [ids["<|im_end|>"], ids["<|im_start|>"], ids["user"]] + [ids[w] for w in question.split()]
-            + [ids["<|im_end|>"], ids["<|im_start|>"], ids["assistant"]])
-    assert encode_prompt(chat, question) == encode_prompt(chat, question, "chat") == want
-    assert encode_prompt(chat, question, "plain") == chat.encode(W.render_prompt(question)) != want
-    _write_tokenizer(tmp_path / "plain", with_template=False)
-    plain = load_tokenizer(tmp_path / "plain")
-    assert encode_prompt(plain, question) == plain.encode(W.render_prompt(question))
-    with pytest.raises(ValueError, match="no chat_template"):
-        encode_prompt(plain, question, "chat")
-    with pytest.raises(ValueError, match="prompt_format"):
-        encode_prompt(chat, question, "jinja")
-
-
 def test_malformed_data_fails_before_compute(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "Q?", "answers": ["a"]}\n{"question": "Q2?"}\n')
