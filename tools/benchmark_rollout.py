@@ -8,6 +8,13 @@ that follows has no opening tag, so the loop's tool step answers at once with a 
 zero-latency tool); its ` <result>..</result>` tokens are prefilled into the slot and decoding resumes,
 exactly as with a real tool. Plain decode: the same slots sample `response` tokens with no stops.
 Throughput counts sampled tokens only. Writes JSON to $OUT when set.
+
+The response budget counts tool-result tokens too, so trajectories sample different numbers of tokens and
+the last few run alone at the end (the tail). Two more figures separate that from the loop's own cost:
+  plain decode, matched lengths   each slot samples exactly as many tokens as its trajectory did in the
+                                  timed agentic run, with no stops (the same tail, no tools)
+  --waves N                       N x batch trajectories through the batch slots: a slot whose trajectory
+                                  ends starts the next one, so the tail is paid once per N waves
 """
 
 import argparse
@@ -53,6 +60,9 @@ def main(argv=None):
     parser.add_argument("--wait_fraction", type=float, default=0.25)
     parser.add_argument("--tool_overlap", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--waves", type=int, default=1, help="trajectories = waves x batch (slots stay batch)")
+    parser.add_argument("--tag", default="", help="names the JSON file: rollout_bench_TAG.json")
+    parser.add_argument("--attention", default=None, help="engine attention: cudnn or xla (default: engine's)")
     parser.add_argument("--breakdown", action="store_true",
                         help="one more agentic run with every engine call synchronised and timed: device time "
                              "of decode and prefill calls, host time between them, slot use inside decode")
@@ -64,15 +74,19 @@ def main(argv=None):
     stops = {"</search>": [[t] for t in range(256, config.vocab_size, args.tool_every)],
              "</python>": [[1, 2, 3]]}
     max_len = args.prompt + args.response + 64
-    engine = Engine(model, num_slots=args.batch, max_len=max_len, stop_strings=stops, cache_dtype=dtype, seed=0)
-    prompts = np.random.default_rng(0).integers(256, config.vocab_size, (args.batch, args.prompt)).tolist()
+    engine = Engine(model, num_slots=args.batch, max_len=max_len, stop_strings=stops, cache_dtype=dtype, seed=0,
+                    attention=args.attention)
+    prompts = np.random.default_rng(0).integers(256, config.vocab_size,
+                                                (args.waves * args.batch, args.prompt)).tolist()
     sampling = SamplingParams(temperature=1.0)
 
-    def plain():
-        engine.prefill(list(range(args.batch)), prompts, sampling=sampling, stops=[], ignore_eos=True,
-                       max_length=args.prompt + args.response)
+    def plain(new_tokens=None):
+        """Every slot samples `response` tokens, or new_tokens[i] for slot i."""
+        new_tokens = [args.response] * args.batch if new_tokens is None else new_tokens
+        engine.prefill(list(range(args.batch)), prompts[:args.batch], sampling=sampling, stops=[],
+                       ignore_eos=True, max_length=[args.prompt + n for n in new_tokens])
         start = time.perf_counter()
-        res = engine.decode(args.response, wait_fraction=1.0)
+        res = engine.decode(max(new_tokens), wait_fraction=1.0)
         sampled = int(res.counts.sum())
         seconds = time.perf_counter() - start
         engine.release(list(range(args.batch)))
@@ -86,7 +100,8 @@ def main(argv=None):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             result = rollout_lib.rollout(engine, ByteTokenizer(), {}, prompts, config_r, executor=pool,
                                          seed=seed)
-        return result.metrics["rollout/sampled_tokens_per_s"], result.metrics
+        sampled = [sum(g[0].mask) for g in result.groups]
+        return result.metrics["rollout/sampled_tokens_per_s"], dict(result.metrics, sampled_per_traj=sampled)
 
     rows = {}
     for name, fn in (("plain_decode", lambda i: plain()), ("agentic_rollout", agentic)):
@@ -94,21 +109,31 @@ def main(argv=None):
         runs = [fn(i + 1) for i in range(args.repeats)]
         best = max(runs, key=lambda r: r[0])
         rows[name] = dict(tokens_per_s=best[0], metrics=best[1])
+    if args.waves == 1:
+        matched = rows["agentic_rollout"]["metrics"]["sampled_per_traj"]
+        plain(matched)  # warm-up at the new budget
+        rows["plain_decode_matched"] = dict(tokens_per_s=max(plain(matched)[0] for _ in range(args.repeats)))
     if args.breakdown:
         rows["breakdown"] = breakdown(engine, lambda: agentic(args.repeats + 1), args.batch)
     ratio = rows["agentic_rollout"]["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
-    summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch,
-                   prompt=args.prompt, response=args.response, tool_every=args.tool_every, ratio=ratio, **rows)
+    summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
+                   attention=engine.attention, prompt=args.prompt, response=args.response,
+                   tool_every=args.tool_every, wait_fraction=args.wait_fraction, ratio=ratio, **rows)
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "rollout_bench.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"rollout_bench{'_' * bool(args.tag)}{args.tag}.json"), "w") as f:
             json.dump(summary, f, indent=2)
     m = rows["agentic_rollout"]["metrics"]
-    print(f"device {summary['device']}  preset {args.preset}  batch {args.batch}")
+    print(f"device {summary['device']}  preset {args.preset}  batch {args.batch}  waves {args.waves}  "
+          f"attention {engine.attention}  wait_fraction {args.wait_fraction}")
     print(f"plain decode      {rows['plain_decode']['tokens_per_s']:10.0f} sampled tokens/s")
     print(f"agentic rollout   {rows['agentic_rollout']['tokens_per_s']:10.0f} sampled tokens/s  "
           f"({m.get('rollout/tool_calls_per_traj', 0):.1f} tool calls/trajectory, "
           f"{m.get('rollout/decode_calls', 0):.0f} decode calls)")
     print(f"ratio             {ratio:10.1%}")
+    if "plain_decode_matched" in rows:
+        matched = rows["plain_decode_matched"]["tokens_per_s"]
+        print(f"plain decode, matched lengths {matched:10.0f} sampled tokens/s; agentic / matched "
+              f"{rows['agentic_rollout']['tokens_per_s'] / matched:.1%}")
     if args.breakdown:
         b = rows["breakdown"]
         print(f"breakdown (synchronised run, {b['seconds']:.2f} s, {b['tokens_per_s']:.0f} sampled tokens/s): "

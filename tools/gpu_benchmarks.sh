@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md for the trainer and agent issues, in three device calls:
-#   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention test, agentic rollout ratio, profiled RL step
+# The GPU figures of docs/benchmarks.md for the trainer and agent issues, one device call each:
+#   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention tests, agentic rollout ratio (cuDNN and XLA attention)
+#   bash tools/gpu_benchmarks.sh rollout_policy  # the same with wait_fraction 0.125, and with 4 waves
+#   bash tools/gpu_benchmarks.sh rlstep    # the profiled 0.6B RL step alone
 #   bash tools/gpu_benchmarks.sh train     # cuDNN test, profiled RL step, train-step MFU vs HF, peak memory
 #   bash tools/gpu_benchmarks.sh trainprof # per-op GPU time of the 1.7B train step (before / after a change)
 #   bash tools/gpu_benchmarks.sh extra     # 8 x 4096 without remat, decode with cuBLAS instead of Triton GEMMs
@@ -28,10 +30,20 @@ PY
 }
 case "${1:-rollout}" in
 rollout)
-  run 150 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py -k "cudnn or bf16"
-  run 180 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 --tool_every 64
-  run 180 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 --tool_every 64 \
-    --wait_fraction 0.5
+  run 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py tests/engine/test_engine.py \
+    -k "cudnn or bf16"
+  for attention in cudnn xla; do
+    run 240 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+      --tool_every 64 --breakdown --attention $attention --tag $attention
+  done
+  ;;
+rollout_policy)  # the loop's wait policy and continuous refill (4 waves of 64 trajectories through 64 slots)
+  run 240 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+    --tool_every 64 --wait_fraction 0.125 --tag wait0125
+  run 300 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+    --tool_every 64 --waves 4 --repeats 1 --tag waves4
+  ;;
+rlstep)
   run 240 "${RL_STEP[@]}"
   cp /tmp/rl_step_0.6b/metrics/metrics.jsonl "$OUT/rl_step_metrics.jsonl" 2>/dev/null
   rl_step_summary

@@ -14,8 +14,10 @@ A decode step scatters one key / value row per running slot and attends in place
                    every layer's cache every step (measured: 112 cache-sized transposes in the loop).
   "cudnn"          `jax.nn.dot_product_attention(implementation="cudnn")` on the "bshd" buffer (its BTNH
                    layout) with per-slot key lengths, so each slot reads only its valid prefix.
-A prefill gathers only the rows it appends to, up to a static key window, and uses the einsum attention
-(its queries start at each slot's own offset, which cuDNN's top-left causal mask cannot express).
+A prefill gathers only the rows it appends to, up to a static key window. Its queries start at each slot's
+own offset, which cuDNN's top-left causal mask cannot express, so the mask [R, T, window] is explicit: the
+einsum attention applies it to float32 scores; "cudnn" passes it as an additive bias to the fused kernel
+(no [R, heads, T, window] float32 scores in memory).
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ def logits(model, hidden: Array) -> Array:
     return jnp.dot(hidden, model.lm_head_kernel().astype(hidden.dtype), preferred_element_type=_F32)
 
 
+def _check_impl(impl: str, layout: str) -> None:
+    if impl not in ("xla", "cudnn"):
+        raise ValueError(f"unknown attention {impl!r}; expected 'xla' or 'cudnn'")
+    if impl == "cudnn" and layout != "bshd":
+        raise ValueError("cuDNN attention needs the 'bshd' cache layout")
+
+
 def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array, layout: str,
                 impl: str = "xla"):
     """One token for every slot of the pool: embeds tokens [S] at positions `lengths` [S].
@@ -97,8 +106,7 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
     mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
     kv_lengths = jnp.minimum(lengths + 1, max_len).astype(jnp.int32)
     scale = model.config.head_dim ** -0.5
-    if impl == "cudnn" and layout != "bshd":
-        raise ValueError("cuDNN decode attention needs the 'bshd' cache layout")
+    _check_impl(impl, layout)
     x = model.embed_tokens(tokens[:, None])
     new_keys, new_values = [], []
     for layer, layer_k, layer_v in zip(model.layers, keys, values):
@@ -118,14 +126,16 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
 
 
 def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array, num_new: Array,
-                  layout: str, window: int):
+                  layout: str, window: int, impl: str = "xla"):
     """Appends chunks tokens [R, T] (row r: num_new[r] real tokens, then padding) to slots `rows` [R].
 
     Real token t of row r is written at position starts[r] + t. Rows whose slot index is out of range
     (padding rows) and padding tokens are not written. Queries attend to the first `window` positions of
-    their slot (static; the caller guarantees starts + num_new <= window). Returns the hidden state [R, H]
-    of each row's last real token and the new key / value buffers.
+    their slot (static; the caller guarantees starts + num_new <= window). impl: "xla" (einsum attention)
+    or "cudnn" ("bshd" only; cuDNN fused attention with the causal-from-offset mask as a bias). Returns the
+    hidden state [R, H] of each row's last real token and the new key / value buffers.
     """
+    _check_impl(impl, layout)
     r, t = tokens.shape
     max_len = keys[0].shape[_seq_axis(layout)]
     offsets = jnp.arange(t, dtype=jnp.int32)
@@ -144,7 +154,12 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
         def attend(q, k, v, layer_k=layer_k, layer_v=layer_v):
             layer_k = write_kv(layer_k, rows, write_pos, k, layout)
             layer_v = write_kv(layer_v, rows, write_pos, v, layout)
-            out = attention(q, rows_window(layer_k), rows_window(layer_v), mask, layout, scale)
+            k_win, v_win = rows_window(layer_k), rows_window(layer_v)
+            if impl == "cudnn":
+                out = jax.nn.dot_product_attention(q, k_win.astype(q.dtype), v_win.astype(q.dtype),
+                                                   mask=mask[:, None], scale=scale, implementation="cudnn")
+            else:
+                out = attention(q, k_win, v_win, mask, layout, scale)
             return out, (layer_k, layer_v)
         x, (layer_k, layer_v) = layer(x, positions, attend)
         new_keys.append(layer_k)

@@ -157,3 +157,25 @@ def test_pre_monitoring_budget_of_one_still_gives_k(world, monkeypatch):
 def test_fewer_slots_than_trajectories_still_gives_k(world):
     result = _run(world, "aepo", questions=3, k=4, slots=5)
     assert [len(g) for g in result.groups] == [4, 4, 4]
+
+
+def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch):
+    """tools/benchmark_rollout.py end to end on CPU: its tool stops fire, every figure it reports exists, the
+    matched-length plain decode samples exactly the agentic run's tokens per slot, and the synchronised
+    breakdown accounts for the run's sampled tokens."""
+    import json
+
+    from tools import benchmark_rollout
+    monkeypatch.setenv("OUT", str(tmp_path))
+    summary = benchmark_rollout.main(["--preset", "tiny", "--batch", "4", "--prompt", "8", "--response", "96",
+                                      "--tool_every", "8", "--repeats", "1", "--breakdown", "--tag", "t"])
+    saved = json.loads((tmp_path / "rollout_bench_t.json").read_text())
+    metrics = saved["agentic_rollout"]["metrics"]
+    assert metrics["rollout/tool_calls_per_traj"] > 1
+    assert len(metrics["sampled_per_traj"]) == 4 and saved["plain_decode_matched"]["tokens_per_s"] > 0
+    assert saved["ratio"] == pytest.approx(summary["agentic_rollout"]["tokens_per_s"]
+                                           / summary["plain_decode"]["tokens_per_s"])
+    b = saved["breakdown"]
+    assert b["prefill_calls"] >= 2 and 0 < b["slot_use"] <= 1
+    sampled = sum(c[3] for c in b["calls"] if c[0] == "decode")
+    assert sampled == pytest.approx(b["tokens_per_s"] * b["seconds"], rel=1e-6)

@@ -170,6 +170,38 @@ def test_bf16_engine_stays_close_to_the_float32_forward(env, tmp_path):
     np.testing.assert_allclose(g.entropies, ent, atol=0.1)
 
 
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu",
+                    reason="cuDNN attention needs a GPU; tools/gpu_benchmarks.sh runs this on the device machine")
+def test_cudnn_engine_matches_the_xla_engine():
+    """attention="cudnn" (decode: per-slot key lengths; prefill: the offset-causal mask as a bias) against the
+    einsum attention on the same bf16 model and cache layout: prompts, an appended chunk, then decode."""
+    from flax import nnx
+
+    config = qwen3.Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    model = qwen3.Qwen3(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    prompts, chunks = _prompts(5, (9, 40, 23), vocab=256), _prompts(6, (5, 30), vocab=256)
+    seen = {}
+    for impl in ("xla", "cudnn"):
+        engine = Engine(model, num_slots=4, max_len=128, attention=impl, layout="bshd", prefill_buckets=(16, 64))
+        engine.prefill([0, 1, 2], prompts, sampling=SamplingParams.greedy(), ignore_eos=True)
+        after_prompt = np.asarray(engine.state.hidden, np.float32)
+        engine.prefill([0, 2], chunks)  # appended at positions 9 and 23: queries start mid-sequence
+        after_chunk = np.asarray(engine.state.hidden, np.float32)
+        res = engine.decode(6, wait_fraction=1.0).fetch()
+        cache = [np.asarray(engine.state.keys[0][s, :n], np.float32) for s, n in enumerate(res.lengths[:3])]
+        seen[impl] = (after_prompt[:3], after_chunk[:3], res.tokens[:3], res.logprobs[:3], cache,
+                      np.asarray(engine.state.hidden, np.float32)[:3])
+    (p_x, c_x, t_x, l_x, k_x, h_x), (p_c, c_c, t_c, l_c, k_c, h_c) = seen["xla"], seen["cudnn"]
+    close = lambda a, b: float(np.abs(a - b).max()) <= 0.03 * float(np.abs(a).max())
+    assert close(p_x, p_c) and close(c_x, c_c) and close(h_x, h_c)
+    assert not close(p_x, c_x)  # the appended chunk changed the next-token states the check compares
+    np.testing.assert_array_equal(t_x, t_c)
+    np.testing.assert_allclose(l_x, l_c, atol=0.05)
+    for a, b in zip(k_x, k_c):
+        assert close(a, b)
+
+
 def test_sampling_distribution_top_k_top_p():
     from aepo_jax.engine import sampling
 
@@ -452,3 +484,22 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, capsys)
     assert len(results) == 1 and "tokens_per_s" in results[0]["ours"] and "tokens_per_s" in results[0]["hf"]
     assert results[0]["ours"]["hlo_cache_copies"] == 0
     assert "x HF" in capsys.readouterr().out
+
+
+def test_profile_script_attributes_a_prefill_to_its_ops(tmp_path, monkeypatch):
+    import json
+
+    from tools import profile_engine
+    monkeypatch.setenv("OUT", str(tmp_path))
+    summary = profile_engine.main(["prefill", "--preset", "tiny", "--slots", "4", "--max_len", "128", "--start",
+                                   "40", "--rows", "3", "--chunk", "10", "--repeats", "1", "--trace_calls", "1"])
+    ops = json.loads((tmp_path / "profile_engine_prefill.json").read_text())["ops"]
+    assert summary["call"] == "prefill 3 rows x 10 tokens" and summary["kernel_ms_per_call"] > 0
+    assert summary["by_category"].get("matmul", 0) > 0
+    assert any("forward.py" in op.get("stack", "") for op in ops)  # ops map back to the engine's source
+
+
+def test_row_buckets_waste_under_a_third_and_stay_few():
+    buckets = [Engine._row_bucket(n) for n in range(1, 257)]
+    assert all(b >= n and (b - n) < b / 3 for n, b in enumerate(buckets, 1))
+    assert sorted(set(buckets)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]

@@ -1,0 +1,137 @@
+"""Where one engine call's GPU time goes: time it, trace a few, sum kernel time per HLO op.
+
+  python tools/profile_engine.py [--preset 1.7b --slots 64 --max_len 1344 --start 600] prefill [--rows 16 --chunk 60]
+  python tools/profile_engine.py [...] decode [--steps 16]
+
+Random bf16 weights. Every slot first holds `start` tokens. `prefill` appends a chunk of `chunk` tokens to
+`rows` slots (a round of tool results in the rollout loop), then rewinds them, so every timed call sees the
+same shapes; `decode` runs `steps` decode steps of all slots, then rewinds them. Kernel time per category and
+the top ops as in tools/profile_train_step.py (same trace reading and HLO mapping); with $OUT set, the
+per-op table goes to $OUT/profile_engine_<call>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_train_step import category, hlo_index, kernel_times  # noqa: E402
+
+from aepo_jax.engine import Engine, SamplingParams  # noqa: E402
+from aepo_jax.models import qwen3  # noqa: E402
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a, tree)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("call", choices=("prefill", "decode"))
+    p.add_argument("--preset", default="1.7b")
+    p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--max_len", type=int, default=1344)
+    p.add_argument("--start", type=int, default=600)
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=60)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--attention", default=None)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--trace_calls", type=int, default=3)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+
+    config = qwen3.preset(args.preset)
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    model = qwen3.Qwen3(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    engine = Engine(model, num_slots=args.slots, max_len=args.max_len, cache_dtype=dtype,
+                    attention=args.attention)
+    del model
+    rng = np.random.default_rng(0)
+    slots = list(range(args.slots))
+    engine.prefill(slots, rng.integers(0, config.vocab_size, (args.slots, args.start)).tolist(),
+                   sampling=SamplingParams(temperature=1.0), stops=[], ignore_eos=True)
+    rows = slots[:args.rows]
+    chunks = rng.integers(0, config.vocab_size, (args.rows, args.chunk)).tolist()
+    recorded = {}
+    jitted = engine._prefill if args.call == "prefill" else engine._decode
+    name = "_prefill" if args.call == "prefill" else "_decode"
+
+    def recording(*a, **k):  # keeps the argument shapes, to compile the same executable for its HLO
+        recorded.setdefault("specs", (_shapes(a), k))
+        return jitted(*a, **k)
+
+    setattr(engine, name, recording)
+
+    def call():
+        if args.call == "prefill":
+            engine.prefill(rows, chunks)
+            engine.rewind(rows, args.start, seed=0)
+        else:
+            engine.decode(args.steps, wait_fraction=1.0)
+            engine.rewind(slots, args.start, seed=0)
+            engine.prefill(slots, [[1]] * args.slots)  # the slots run again from position start
+        jax.block_until_ready(engine.state.lengths)
+
+    times = []
+    for i in range(args.repeats + 2):
+        t0 = time.perf_counter()
+        call()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    specs, kwargs = recorded["specs"]
+    text = jitted.lower(*specs, **kwargs).compile().as_text()
+    trace_dir = tempfile.mkdtemp(prefix="trace_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(args.trace_calls):
+            call()
+    index = hlo_index(text)
+    module = "prefill" if args.call == "prefill" else "decode"
+    per_op = kernel_times(trace_dir, module)
+    by_kernel_name = {re.sub(r"[.\-]", "_", k): v for k, v in index.items()}
+    n = args.trace_calls
+    rows_out = []
+    for op, (ns, count, kernels) in per_op.items():
+        info = index.get(op) or by_kernel_name.get(re.sub(r"[.\-]", "_", op))
+        rows_out.append(dict(op=op, ms=ns / 1e6 / n, calls=count / n, category=category(info, " ".join(kernels)),
+                             kernels=sorted(kernels)[:3], **{k: v for k, v in (info or {}).items()
+                                                             if k in ("opcode", "shape", "stack", "fused_ops")}))
+    rows_out.sort(key=lambda r: -r["ms"])
+    by_cat = collections.Counter()
+    for r in rows_out:
+        by_cat[r["category"]] += r["ms"]
+    busy = sum(r["ms"] for r in rows_out)
+    what = (f"prefill {args.rows} rows x {args.chunk} tokens" if args.call == "prefill"
+            else f"decode {args.steps} steps x {args.slots} slots")
+    summary = dict(device=jax.devices()[0].device_kind, call=what, attention=engine.attention, start=args.start,
+                   ms_call_incl_rewind=statistics.median(times) * 1e3, kernel_ms_per_call=busy,
+                   by_category=dict(by_cat.most_common()))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"profile_engine_{args.call}.json"), "w") as f:
+            json.dump(dict(summary=summary, ops=rows_out), f, indent=1, default=list)
+    print(f"{summary['device']} {what} at length {args.start}, attention {engine.attention}: "
+          f"{summary['ms_call_incl_rewind']:.2f} ms per call (median, with the rewind), kernel time {busy:.2f} ms")
+    for cat, ms in by_cat.most_common():
+        print(f"  {ms:8.3f} ms  {cat}")
+    for r in rows_out[:args.top]:
+        print(f"  {r['ms']:7.3f} ms {r['calls']:5.0f}x {r['category'][:20]:20} {r.get('opcode', '')[:12]:12} "
+              f"{r.get('shape', '')[:40]:40} {r.get('stack', '')[:60]} | "
+              f"{','.join(o for o in r.get('fused_ops', []) if o not in ('parameter', 'bitcast', 'constant'))[:40]}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
