@@ -97,11 +97,18 @@ def main(argv=None):
                                              max_response_tokens=args.response, sampling=sampling,
                                              decode_chunk=args.decode_chunk, wait_fraction=args.wait_fraction,
                                              tool_overlap=args.tool_overlap)
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            result = rollout_lib.rollout(engine, ByteTokenizer(), {}, prompts, config_r, executor=pool,
-                                         seed=seed)
+        compiles = []
+        listener = lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                result = rollout_lib.rollout(engine, ByteTokenizer(), {}, prompts, config_r, executor=pool,
+                                             seed=seed)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
         sampled = [sum(g[0].mask) for g in result.groups]
-        return result.metrics["rollout/sampled_tokens_per_s"], dict(result.metrics, sampled_per_traj=sampled)
+        return result.metrics["rollout/sampled_tokens_per_s"], dict(result.metrics, sampled_per_traj=sampled,
+                                                                    compilations=len(compiles))
 
     rows = {}
     for name, fn in (("plain_decode", lambda i: plain()), ("agentic_rollout", agentic)):
@@ -128,7 +135,7 @@ def main(argv=None):
     print(f"plain decode      {rows['plain_decode']['tokens_per_s']:10.0f} sampled tokens/s")
     print(f"agentic rollout   {rows['agentic_rollout']['tokens_per_s']:10.0f} sampled tokens/s  "
           f"({m.get('rollout/tool_calls_per_traj', 0):.1f} tool calls/trajectory, "
-          f"{m.get('rollout/decode_calls', 0):.0f} decode calls)")
+          f"{m.get('rollout/decode_calls', 0):.0f} decode calls, {m.get('compilations', 0)} compilations)")
     print(f"ratio             {ratio:10.1%}")
     if "plain_decode_matched" in rows:
         matched = rows["plain_decode_matched"]["tokens_per_s"]

@@ -145,6 +145,7 @@ class _Run:
         self.groups: list[list[Trajectory]] = [[] for _ in prompts]
         self.pending: list[Trajectory] = []        # waiting for a free slot
         self.slot_of: dict[int, Trajectory] = {}   # occupied slot -> trajectory
+        self.ended: list[int] = []                 # slots of finished trajectories, released in one call
         self.status: dict[int, str] = {}           # slot -> 'running' | 'tool'
         self.awaiting: dict[int, int] = {}         # slot -> response index of the segment to judge
         self.question_consecutive = [0] * len(prompts)
@@ -166,7 +167,7 @@ class _Run:
         return traj
 
     def _start_pending(self) -> None:
-        free = self.engine.free_slots()
+        free = self._free_slots()
         starts = self.pending[:len(free)]
         self.pending = self.pending[len(free):]
         if not starts:
@@ -188,7 +189,15 @@ class _Run:
         self.awaiting.pop(slot, None)
         traj.finish_reason = reason
         self._record_signals(traj, final=True)
-        self.engine.release(slot)
+        self.ended.append(slot)
+
+    def _free_slots(self) -> list[int]:
+        """Releases the slots of trajectories that ended since the last call (one engine call instead of
+        one per slot: each costs a dispatch) and lists the free ones."""
+        if self.ended:
+            self.engine.release(self.ended)
+            self.ended = []
+        return self.engine.free_slots()
 
     # ------------------------------------------------------------------------------------- entropy
 
@@ -231,7 +240,7 @@ class _Run:
         branch = bool(rollout_math.should_branch(self.rng.uniform(), delta_h, consecutive,
                                                  gamma=self.config.branch_gamma, lam=self.lam,
                                                  tau=self.config.branch_tau))
-        free = self.engine.free_slots()
+        free = self._free_slots()
         if branch and not free:
             self.stats["no_slot"] += 1
             branch = False
@@ -402,6 +411,7 @@ class _Run:
             for _ in range(m[q] - len(self.groups[q])):
                 self._new(q)
         self.loop()
+        self._free_slots()
         groups = [g[:k] for g in self.groups]
         assert all(len(g) == k for g in groups), [len(g) for g in groups]
         return RolloutResult(groups, self._metrics(groups, m, time.perf_counter() - start), self.decisions)

@@ -283,7 +283,9 @@ class DecodeResult:
 
     def fetch(self) -> "DecodeResult":
         if self._host is None:
-            host = jax.device_get(dataclasses.asdict(self.output))
+            # (not dataclasses.asdict: it deep-copies each device array, a device copy and a dispatch per
+            # field, ~6 ms per fetch on an H100 host)
+            host = jax.device_get({f.name: getattr(self.output, f.name) for f in dataclasses.fields(self.output)})
             self._host = {k: np.asarray(v) for k, v in host.items()}
             self.__dict__.update(self._host)  # later reads are plain attributes, not __getattr__ calls
             self._engine._learn_lengths(self._host["lengths"], self._version)
