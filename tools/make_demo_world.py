@@ -4,7 +4,7 @@
                                  [--guess_fraction 0.3] [--overwrite]
 
 DEMO_DIR gets corpus.jsonl ({"id","title","text"}, the `search` tool's corpus), train.jsonl and
-heldout.jsonl ({"id","question","answers"}), sft.jsonl ({"prompt","response"} reference traces for the
+heldout.jsonl ({"id","question","answers"}), sft.jsonl ({"question","response"} reference traces for the
 cold-start SFT; --guess_fraction of them answer with a guess, without the tools), tokenizer.model and
 world.json. The same arguments give byte-identical files. Existing files are not replaced unless
 --overwrite is given.

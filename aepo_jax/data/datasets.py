@@ -3,7 +3,9 @@
 Schemas (one JSON object per line; blank lines are skipped):
   QA:  {"question": str, "answers": [str, ...]}   ("answer": str is accepted for a single gold answer;
        "id" is optional and defaults to "<file>:<line>")
-  SFT: {"prompt": str, "response": str}
+  SFT: {"question": str, "response": str}  the prompt is built from the question as every RL and eval prompt
+       is (`world.encode_prompt`, --prompt_format), so SFT and RL see the same prompt format;
+       or {"prompt": str, "response": str}  a prompt text tokenized as written. Not both.
 A malformed file fails when it is read, before any compute, with `file:line: problem`.
 """
 
@@ -26,8 +28,9 @@ class QARecord:
 
 @dataclasses.dataclass(frozen=True)
 class SFTRecord:
-    prompt: str
     response: str
+    question: str | None = None  # rendered like the RL prompts
+    prompt: str | None = None    # or a prompt text, used as written
 
 
 class DataError(ValueError):
@@ -79,7 +82,11 @@ def _parse_qa(obj: dict[str, Any], where: str) -> QARecord:
 
 
 def _parse_sft(obj: dict[str, Any], where: str) -> SFTRecord:
-    return SFTRecord(prompt=_string(obj, "prompt", where), response=_string(obj, "response", where))
+    if ("question" in obj) == ("prompt" in obj):
+        raise DataError(f"{where}: an SFT record needs exactly one of 'question' (rendered like the RL prompts) "
+                        f"and 'prompt' (a prompt text used as written), got fields {sorted(obj)}"[:300])
+    key = "question" if "question" in obj else "prompt"
+    return SFTRecord(response=_string(obj, "response", where), **{key: _string(obj, key, where)})
 
 
 def read_qa_jsonl(path: str | os.PathLike) -> list[QARecord]:
@@ -88,7 +95,7 @@ def read_qa_jsonl(path: str | os.PathLike) -> list[QARecord]:
 
 
 def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord]:
-    """Prompt/response records of a JSONL file (see the module docstring for the schema)."""
+    """Question (or prompt) / response records of a JSONL file (see the module docstring for the schema)."""
     return _read_jsonl(path, _parse_sft)
 
 

@@ -6,7 +6,7 @@ A seeded generator of a small world the agent can only answer by searching (AEPO
   world.corpus        # [{"id", "title", "text"}], one passage per guild, for the `search` tool
   world.train         # [Question], answers need one or two searches and sometimes `python`
   world.heldout       # [Question] about guilds no train question touches
-  sft_examples(world) # [{"prompt", "response"}], a correct trace in the agent format per train question
+  sft_examples(world) # [{"question", "response"}], a correct trace in the agent format per train question
   sft_examples(world, guess_fraction=0.3)  # 30% of them answer with a guess, without the tools
   write_world(world, "demo/")   # corpus.jsonl, train.jsonl, heldout.jsonl, sft.jsonl
   build_demo("demo/", seed=0)   # the same + tokenizer.model (SentencePiece) + world.json
@@ -494,7 +494,8 @@ def guess_response(world: World, question: Question, rng: _Rng) -> str:
 
 def sft_examples(world: World, search_fn: Callable[[str], str] | None = None,
                  python_fn: Callable[[str], str] | None = None, guess_fraction: float = 0.0) -> list[dict]:
-    """{"prompt", "response"} for every train question, in the order of `world.train`.
+    """{"question", "response"} for every train question, in the order of `world.train` (the trainer builds
+    the prompt from the question as it builds the RL prompts: `encode_prompt`).
 
     guess_fraction: the share of questions (drawn with the world's seed) whose response is a
     `guess_response` instead of a `reference_response`: an imperfect teacher that sometimes answers without
@@ -509,7 +510,7 @@ def sft_examples(world: World, search_fn: Callable[[str], str] | None = None,
     for q in world.train:
         guess = rng.random() < guess_fraction
         response = guess_response(world, q, rng) if guess else reference_response(world, q, search, python_fn)
-        examples.append({"prompt": render_prompt(q.question), "response": response})
+        examples.append({"question": q.question, "response": response})
     return examples
 
 
@@ -520,7 +521,7 @@ def world_texts(world: World, search_fn: Callable[[str], str] | None = None,
     texts = [f"{p['title']}\n{p['text']}" for p in world.corpus]
     texts += [q.question for q in world.train + world.heldout]
     for ex in sft_examples(world, search_fn, python_fn):
-        texts += [ex["prompt"], ex["response"]]
+        texts += [render_prompt(ex["question"]), ex["response"]]
     return texts
 
 

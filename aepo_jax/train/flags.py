@@ -49,7 +49,8 @@ DEMO_WORLD = flags.DEFINE_bool("demo_world", False,
                                "tokenizer) into <workdir>/world and use it for every data flag left empty")
 TRAIN_FILE = flags.DEFINE_string("train_file", None, "RL questions, JSONL {question, answers}")
 EVAL_FILE = flags.DEFINE_string("eval_file", None, "Held-out questions, JSONL {question, answers}")
-SFT_FILE = flags.DEFINE_string("sft_file", None, "SFT traces, JSONL {prompt, response}")
+SFT_FILE = flags.DEFINE_string("sft_file", None, "SFT traces, JSONL {question, response} (the prompt "
+                                  "built as for RL, --prompt_format) or {prompt, response} (used as written)")
 CORPUS_FILE = flags.DEFINE_string("corpus_file", None, "Search corpus, JSONL {id, title, text}")
 
 # --- SFT ---------------------------------------------------------------------------------------------

@@ -241,7 +241,8 @@ class Trainer:
     # -------------------------------------------------------------------------------------- SFT
 
     def _sft_example(self, record: datasets.SFTRecord) -> tuple[list[int], list[int]]:
-        prompt = self.tokenizer.encode(record.prompt)
+        prompt = (world_lib.encode_prompt(self.tokenizer, record.question, self.cfg.prompt_format)
+                  if record.question is not None else self.tokenizer.encode(record.prompt))
         response, mask = tok_lib.encode_response(self.tokenizer, record.response)
         return prompt + response, [0] * len(prompt) + mask
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from aepo_jax.data.datasets import DataError, EpochSampler, read_qa_jsonl, read_sft_jsonl
+from aepo_jax.data.datasets import DataError, EpochSampler, SFTRecord, read_qa_jsonl, read_sft_jsonl
 
 
 def _write(path, lines):
@@ -36,11 +36,16 @@ def test_malformed_qa_names_file_and_line(tmp_path, line, problem):
 
 
 def test_sft_records_and_errors(tmp_path):
-    f = _write(tmp_path / "sft.jsonl", [json.dumps({"prompt": "p", "response": "r"})])
-    assert read_sft_jsonl(f)[0].response == "r"
+    f = _write(tmp_path / "sft.jsonl", [json.dumps({"prompt": "p", "response": "r"}),
+                                        json.dumps({"question": "q", "response": "s"})])
+    assert read_sft_jsonl(f) == [SFTRecord(response="r", prompt="p"), SFTRecord(response="s", question="q")]
     bad = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "p"})])
     with pytest.raises(DataError, match=f"^{bad}:1: field 'response'"):
         read_sft_jsonl(bad)
+    for fields in ({"response": "r"}, {"prompt": "p", "question": "q", "response": "r"}):
+        bad = _write(tmp_path / "bad.jsonl", [json.dumps(fields)])
+        with pytest.raises(DataError, match=f"^{bad}:1: an SFT record needs exactly one of 'question'"):
+            read_sft_jsonl(bad)
     with pytest.raises(FileNotFoundError, match="no such data file"):
         read_sft_jsonl(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="no records"):

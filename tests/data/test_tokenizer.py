@@ -17,11 +17,11 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] 
             "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 
 
-def _write_tokenizer(path, with_template=True):
+def _write_tokenizer(path, with_template=True, eos_token=None):
     words = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "what", "is", "2+2", "?"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos_token,
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     if with_template:
         fast.chat_template = TEMPLATE
@@ -55,6 +55,27 @@ def test_prompts_use_the_chat_template_when_there_is_one(tmp_path):
         W.encode_prompt(plain, question, "chat")
     with pytest.raises(ValueError, match="prompt_format"):
         W.encode_prompt(chat, question, "jinja")
+
+
+def test_sft_prompts_match_the_rl_prompts(tmp_path):
+    """An SFT record with a question gets the prompt every RL and eval prompt gets (the chat template here);
+    a record with a prompt text is tokenized as written. The response follows with its loss mask."""
+    import types
+
+    from aepo_jax.data.datasets import SFTRecord
+    from aepo_jax.train.trainer import Trainer
+
+    ids = _write_tokenizer(tmp_path, eos_token="<|im_end|>")
+    tok = load_tokenizer(tmp_path)
+    for prompt_format in ("auto", "plain"):
+        trainer = types.SimpleNamespace(tokenizer=tok, cfg=types.SimpleNamespace(prompt_format=prompt_format))
+        response_ids, response_mask = encode_response(tok, "is 2+2")
+        tokens, mask = Trainer._sft_example(trainer, SFTRecord(question="what is 2+2 ?", response="is 2+2"))
+        prompt = W.encode_prompt(tok, "what is 2+2 ?", prompt_format)
+        assert tokens == prompt + response_ids and mask == [0] * len(prompt) + response_mask
+        assert (prompt[-1] == ids["assistant"]) == (prompt_format == "auto")  # the chat turn is open
+        tokens, _ = Trainer._sft_example(trainer, SFTRecord(prompt="what is", response="is 2+2"))
+        assert tokens == [ids["what"], ids["is"]] + response_ids
 
 
 def test_errors(tmp_path):
@@ -130,7 +151,8 @@ def test_sentencepiece_round_trip_on_the_world(sp, demo_world):
     for p in demo_world.corpus:
         assert sp.decode(sp.encode(p["text"])) == p["text"]
     ex = W.sft_examples(demo_world)[0]
-    assert sp.decode(sp.encode(ex["prompt"] + ex["response"])) == ex["prompt"] + ex["response"]
+    text = W.render_prompt(ex["question"]) + ex["response"]
+    assert sp.decode(sp.encode(text)) == text
     # No unknown tokens on the world's text: byte fallback is not needed there.
     assert 0 not in sp.encode("\n".join(W.world_texts(demo_world)[:50]))
 

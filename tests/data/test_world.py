@@ -100,7 +100,7 @@ def test_files_are_the_user_formats(demo_dir, world):
         assert all(set(r) == {"id", "question", "answers"} and r["answers"] and
                    all(isinstance(a, str) for a in r["answers"]) for r in rows)
     sft = _read(demo_dir / "sft.jsonl")
-    assert len(sft) == len(world.train) and all(set(r) == {"prompt", "response"} for r in sft)
+    assert len(sft) == len(world.train) and all(set(r) == {"question", "response"} for r in sft)
     info = json.loads((demo_dir / "world.json").read_text())
     assert info["num_train"] == len(world.train) and info["seed"] == 0
 
@@ -207,7 +207,7 @@ def test_traces_pass_the_format_check_and_earn_full_reward(world):
     search = W.default_search_fn(world)
     for q, ex in zip(world.train, W.sft_examples(world)):
         response = ex["response"]
-        assert ex["prompt"] == W.render_prompt(q.question) and q.question in ex["prompt"]
+        assert ex["question"] == q.question
         assert check_format(response).ok, (check_format(response).reason, response)
         assert normalize_answer(extract_boxed(extract_answer(response))) == normalize_answer(q.answers[0])
         calls = _calls(response)
@@ -235,7 +235,7 @@ def test_guess_traces_answer_without_the_tools(world):
     held = set(world.heldout_entities)
     guessed, lucky = collections.Counter(), 0
     for q, ref, ex in zip(world.train, reference, mixed):
-        assert ex["prompt"] == ref["prompt"]
+        assert ex["question"] == ref["question"]
         if ex["response"] == ref["response"]:
             continue
         guessed[q.template] += 1
@@ -334,7 +334,7 @@ def test_demo_tokenizer_fits_the_traces(demo_dir, world):
     for ex in _read(demo_dir / "sft.jsonl"):
         ids, mask = encode_response(tok, ex["response"])
         assert tok.decode(ids, skip_special_tokens=True) == ex["response"]
-        lengths.append(len(tok.encode(ex["prompt"])) + len(ids))
+        lengths.append(len(W.encode_prompt(tok, ex["question"])) + len(ids))
         trained.update(i for text, by_model in split_response(ex["response"]) if by_model
                        for i in tok.encode(text))
     assert max(lengths) <= 256  # prompt + response + EOS fit the demo's 256-token sequences
