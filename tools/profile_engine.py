@@ -13,10 +13,8 @@ per-op table goes to $OUT/profile_engine_<call>.json.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from profile_train_step import category, hlo_index, kernel_times  # noqa: E402
+from profile_train_step import op_table  # noqa: E402
 
 from aepo_jax.engine import Engine, SamplingParams  # noqa: E402
 from aepo_jax.models import qwen3  # noqa: E402
@@ -98,22 +96,7 @@ def main(argv=None):
     with jax.profiler.trace(trace_dir):
         for _ in range(args.trace_calls):
             call()
-    index = hlo_index(text)
-    module = "prefill" if args.call == "prefill" else "decode"
-    per_op = kernel_times(trace_dir, module)
-    by_kernel_name = {re.sub(r"[.\-]", "_", k): v for k, v in index.items()}
-    n = args.trace_calls
-    rows_out = []
-    for op, (ns, count, kernels) in per_op.items():
-        info = index.get(op) or by_kernel_name.get(re.sub(r"[.\-]", "_", op))
-        rows_out.append(dict(op=op, ms=ns / 1e6 / n, calls=count / n, category=category(info, " ".join(kernels)),
-                             kernels=sorted(kernels)[:3], **{k: v for k, v in (info or {}).items()
-                                                             if k in ("opcode", "shape", "stack", "fused_ops")}))
-    rows_out.sort(key=lambda r: -r["ms"])
-    by_cat = collections.Counter()
-    for r in rows_out:
-        by_cat[r["category"]] += r["ms"]
-    busy = sum(r["ms"] for r in rows_out)
+    rows_out, by_cat, busy = op_table(trace_dir, text, args.trace_calls, module_filter=args.call)
     what = (f"prefill {args.rows} rows x {args.chunk} tokens" if args.call == "prefill"
             else f"decode {args.steps} steps x {args.slots} slots")
     summary = dict(device=jax.devices()[0].device_kind, call=what, attention=engine.attention, start=args.start,

@@ -185,6 +185,25 @@ def kernel_times(trace_dir: str, module_filter: str | None):
     return per_op
 
 
+def op_table(trace_dir: str, hlo_text: str, calls: int, module_filter: str | None = None):
+    """Kernel time per HLO op of a trace of `calls` runs of one compiled module, per run: rows (op, ms, calls,
+    category, kernels and the op's HLO facts) sorted by time, ms per category, total kernel ms."""
+    index = hlo_index(hlo_text)
+    by_kernel_name = {re.sub(r"[.\-]", "_", name): info for name, info in index.items()}
+    rows = []
+    for op, (ns, count, kernels) in kernel_times(trace_dir, module_filter).items():
+        info = index.get(op) or by_kernel_name.get(re.sub(r"[.\-]", "_", op))
+        rows.append(dict(op=op, ms=ns / 1e6 / calls, calls=count / calls, category=category(info, " ".join(kernels)),
+                         kernels=sorted(kernels)[:3], **{k: v for k, v in (info or {}).items()
+                                                         if k in ("opcode", "shape", "kind", "target", "file",
+                                                                  "line", "stack", "op_name", "fused_ops")}))
+    rows.sort(key=lambda r: -r["ms"])
+    by_cat = collections.Counter()
+    for r in rows:
+        by_cat[r["category"]] += r["ms"]
+    return rows, by_cat, sum(r["ms"] for r in rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="1.7b")
@@ -226,22 +245,7 @@ def main(argv=None):
         for _ in range(args.trace_steps):
             state, metrics = compiled(state, data)
         jax.block_until_ready(metrics["loss"])
-    index = hlo_index(text)
-    per_op = kernel_times(trace_dir, None)
-    by_kernel_name = {re.sub(r"[.\-]", "_", name): info for name, info in index.items()}
-    n = args.trace_steps
-    rows = []
-    for op, (ns, count, kernels) in per_op.items():
-        info = index.get(op) or by_kernel_name.get(re.sub(r"[.\-]", "_", op))
-        rows.append(dict(op=op, ms=ns / 1e6 / n, calls=count / n, category=category(info, " ".join(kernels)),
-                         kernels=sorted(kernels)[:3], **{k: v for k, v in (info or {}).items()
-                                                         if k in ("opcode", "shape", "kind", "target", "file",
-                                                                  "line", "stack", "op_name", "fused_ops")}))
-    rows.sort(key=lambda r: -r["ms"])
-    busy = sum(r["ms"] for r in rows)
-    by_cat = collections.Counter()
-    for r in rows:
-        by_cat[r["category"]] += r["ms"]
+    rows, by_cat, busy = op_table(trace_dir, text, args.trace_steps)
     by_line = collections.Counter()
     for r in rows:
         if r["category"] not in ("matmul", "attention (cuDNN)"):
