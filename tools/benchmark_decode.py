@@ -151,7 +151,7 @@ def profile_decode(engine, slots, prompts, params, new, log_dir, top=30):
     engine.state.lengths.block_until_ready()
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         res = engine.decode(new, wait_fraction=1.0)
-        res.output.tokens.block_until_ready()
+        res.output.block_until_ready()
     engine.release(slots)
     path = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
     events = json.load(gzip.open(path))["traceEvents"]
@@ -229,7 +229,7 @@ def run_ours(model, config, batch, prompt, new, runs, layout, mode, key_impl, hl
 
         def decode():
             res = engine.decode(new, wait_fraction=1.0)
-            res.output.tokens.block_until_ready()
+            res.output.block_until_ready()
             return res
 
         t0 = time.perf_counter()

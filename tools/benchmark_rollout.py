@@ -18,9 +18,14 @@ the last few run alone at the end (the tail). Two more figures separate that fro
 """
 
 import argparse
+import bisect
 import concurrent.futures
+import contextlib
+import glob
+import gzip
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -31,6 +36,7 @@ from flax import nnx
 from aepo_jax.agent import rollout as rollout_lib
 from aepo_jax.agent.tools import PythonTool, SearchTool  # noqa: F401  (tools are never reached here)
 from aepo_jax.engine import Engine, SamplingParams
+from aepo_jax.engine.engine import DecodeResult
 from aepo_jax.models import qwen3
 
 
@@ -60,9 +66,16 @@ def main(argv=None):
     parser.add_argument("--wait_fraction", type=float, default=0.25)
     parser.add_argument("--tool_overlap", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmups", type=int, default=1,
+                        help="untimed runs first; every run repeats seed 0, but on a GPU the sampled tokens (hence the "
+                             "prefill shapes) can still differ between runs, and a new 1.7B prefill shape compiles "
+                             "for ~10 s: more warm-ups, fewer timed runs that compile (each reports its count)")
     parser.add_argument("--waves", type=int, default=1, help="trajectories = waves x batch (slots stay batch)")
     parser.add_argument("--tag", default="", help="names the JSON file: rollout_bench_TAG.json")
     parser.add_argument("--attention", default=None, help="engine attention: cudnn or xla (default: engine's)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="one more agentic run under the profiler: wall time and device-busy time inside each "
+                             "kind of engine call and in the loop's host work between them")
     parser.add_argument("--breakdown", action="store_true",
                         help="one more agentic run with every engine call synchronised and timed: device time "
                              "of decode and prefill calls, host time between them, slot use inside decode")
@@ -112,8 +125,9 @@ def main(argv=None):
 
     rows = {}
     for name, fn in (("plain_decode", lambda i: plain()), ("agentic_rollout", agentic)):
-        fn(0)  # warm-up: compiles every bucket it needs
-        runs = [fn(i + 1) for i in range(args.repeats)]
+        for _ in range(args.warmups):  # compile the shapes the timed runs meet (they repeat the seed)
+            fn(0)
+        runs = [fn(0) for _ in range(args.repeats)]
         best = max(runs, key=lambda r: r[0])
         rows[name] = dict(tokens_per_s=best[0], metrics=best[1])
     if args.waves == 1:
@@ -121,7 +135,9 @@ def main(argv=None):
         plain(matched)  # warm-up at the new budget
         rows["plain_decode_matched"] = dict(tokens_per_s=max(plain(matched)[0] for _ in range(args.repeats)))
     if args.breakdown:
-        rows["breakdown"] = breakdown(engine, lambda: agentic(args.repeats + 1), args.batch)
+        rows["breakdown"] = breakdown(engine, lambda: agentic(0), args.batch)
+    if args.timeline:
+        rows["timeline"] = timeline(engine, lambda: agentic(0))
     ratio = rows["agentic_rollout"]["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
                    attention=engine.attention, prompt=args.prompt, response=args.response,
@@ -149,34 +165,148 @@ def main(argv=None):
               f"in {b['prefill_calls']} calls ({b['prefill_slow_calls']} over 1 s), host {b['host_s']:.2f} s; "
               f"per round: decode {b['decode_ms_per_call']:.1f} ms, prefill {b['prefill_ms_per_call']:.1f} ms, "
               f"host {b['host_ms_per_round']:.1f} ms")
+    if args.timeline:
+        t = rows["timeline"]
+        print(f"timeline (profiled run, {t['wall_ms']:.0f} ms, device busy {t['busy_ms']:.0f} ms = "
+              f"{t['busy_ms'] / t['wall_ms']:.1%}):")
+        for name, r in t["parts"].items():
+            per_call = r["wall_ms"] / max(r["calls"], 1)
+            print(f"  {name:16} {r['calls']:5d} calls  {r['wall_ms']:8.1f} ms wall ({per_call:6.2f} per call), "
+                  f"device busy {r['busy_ms']:8.1f} ms, idle {r['wall_ms'] - r['busy_ms']:7.1f} ms")
+        for module, ms in list(t["kernel_ms_by_module"].items())[:6]:
+            print(f"  kernels of {module[:40]:40} {ms:8.1f} ms")
     return summary
+
+
+@contextlib.contextmanager
+def _wrapped(owner, names, wrap):
+    """Replaces owner.<name> by wrap(name, original) for each name while the block runs (measurement only)."""
+    originals = {n: getattr(owner, n) for n in names}
+    for n in names:
+        setattr(owner, n, wrap(n, originals[n]))
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(owner, n, originals[n])
+
+
+def _merge(intervals):
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _overlap(merged, starts, lo, hi):
+    """Length of [lo, hi) covered by the disjoint sorted intervals `merged`."""
+    i = max(bisect.bisect_right(starts, lo) - 1, 0)
+    total = 0.0
+    while i < len(merged) and merged[i][0] < hi:
+        total += max(0.0, min(hi, merged[i][1]) - max(lo, merged[i][0]))
+        i += 1
+    return total
+
+
+def timeline(engine, run):
+    """Runs `run` under jax.profiler with each engine call annotated; returns, per kind of call (and for the
+    loop's host work between calls), its count, wall time and the time the device was busy meanwhile.
+
+    Device busy = the union of GPU kernel intervals (on CPU: of the XLA thunks). A decode call holds the host
+    until its loop ends, so its idle time is the loop's own gaps; idle time in 'host' is the loop's Python
+    work with nothing queued on the device."""
+    from jax._src.profiler import ProfileData
+
+    names = ("decode", "prefill", "release", "fork", "rewind")
+
+    def annotated(name, fn):
+        def call(*a, **k):
+            with jax.profiler.TraceAnnotation(f"engine.{name}"):
+                return fn(*a, **k)
+        return call
+
+    trace_dir = tempfile.mkdtemp(prefix="rollout_trace_")
+    with _wrapped(engine, names, annotated), _wrapped(DecodeResult, ("fetch",), annotated):
+        with jax.profiler.trace(trace_dir), jax.profiler.TraceAnnotation("rollout.run"):
+            run()
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    data = ProfileData.from_file(path)
+    gpu = any(p.name.startswith("/device:GPU") for p in data.planes)
+    kernels, marks, by_module, events = [], [], {}, []
+    for plane in data.planes:
+        for line in plane.lines:
+            for e in line.events:
+                if plane.name.startswith("/device:GPU"):
+                    if "stream" in line.name.lower():
+                        kernels.append((e.start_ns, e.end_ns))
+                        stats = {k: v for k, v in e.stats}
+                        module = str(stats.get("hlo_module", "?"))
+                        by_module[module] = by_module.get(module, 0.0) + e.duration_ns / 1e6
+                        events.append(("gpu " + line.name, e.name[:80], e.start_ns, e.duration_ns,
+                                       str(stats.get("hlo_op", ""))))
+                    continue
+                if plane.name == "/host:CPU":
+                    events.append(("host " + line.name, e.name[:80], e.start_ns, e.duration_ns, ""))
+                if e.name.startswith(("engine.", "rollout.run")):
+                    marks.append((e.start_ns, e.end_ns, e.name))
+                elif not gpu and "hlo_op" in {k for k, _ in e.stats}:
+                    kernels.append((e.start_ns, e.end_ns))
+    span = next((s, t) for s, t, n in marks if n == "rollout.run")
+    calls = sorted((s, t, n.split(".", 1)[1]) for s, t, n in marks if n.startswith("engine."))
+    merged = _merge([k for k in kernels if k[1] > span[0] and k[0] < span[1]])
+    starts = [m[0] for m in merged]
+    parts = {n: dict(calls=0, wall_ms=0.0, busy_ms=0.0) for n in names + ("fetch", "host")}
+
+    def add(name, lo, hi, count):
+        if hi > lo:
+            parts[name]["wall_ms"] += (hi - lo) / 1e6
+            parts[name]["busy_ms"] += _overlap(merged, starts, lo, hi) / 1e6
+        parts[name]["calls"] += count
+
+    cursor = span[0]
+    for s, t, n in calls:  # engine calls on the loop's thread do not nest
+        add("host", cursor, s, 0)
+        add(n, s, t, 1)
+        cursor = max(cursor, t)
+    add("host", cursor, span[1], 0)
+    parts["host"]["calls"] = parts["decode"]["calls"]
+    wall = (span[1] - span[0]) / 1e6
+    decodes = [c for c in calls if c[2] == "decode"]
+    if os.environ.get("OUT") and len(decodes) >= 4:  # three rounds from the middle, every event, for reading
+        lo, hi = decodes[len(decodes) // 2][0], decodes[len(decodes) // 2 + 3][0]
+        with gzip.open(os.path.join(os.environ["OUT"], "rollout_trace_rounds.json.gz"), "wt") as f:
+            json.dump(sorted(e for e in events if e[2] + e[3] >= lo and e[2] <= hi), f)
+    return dict(wall_ms=wall, busy_ms=_overlap(merged, starts, *span) / 1e6,
+                parts={k: v for k, v in parts.items() if v["calls"] or v["wall_ms"]},
+                kernel_ms_by_module=dict(sorted(by_module.items(), key=lambda kv: -kv[1])))
 
 
 def breakdown(engine, run, batch):
     """Runs `run` with the engine's decode and prefill synchronised and timed (measurement only)."""
     calls = []
-    decode, prefill = engine.decode, engine.prefill
 
-    def timed_decode(*a, **k):
-        t0 = time.perf_counter()
-        res = decode(*a, **k)
-        jax.block_until_ready(res.output)
-        calls.append(("decode", time.perf_counter() - t0, int(res.steps), int(res.counts.sum())))
-        return res
+    def timed(name, fn):
+        def decode(*a, **k):
+            t0 = time.perf_counter()
+            res = fn(*a, **k)
+            jax.block_until_ready(res.output)
+            calls.append(("decode", time.perf_counter() - t0, int(res.steps), int(res.counts.sum())))
+            return res
 
-    def timed_prefill(slots, chunks, **k):
-        t0 = time.perf_counter()
-        out = prefill(slots, chunks, **k)
-        jax.block_until_ready(engine.state.lengths)
-        n = 1 if isinstance(slots, (int, np.integer)) else len(slots)
-        calls.append(("prefill", time.perf_counter() - t0, n, sum(len(c) for c in chunks)))
-        return out
+        def prefill(slots, chunks, **k):
+            t0 = time.perf_counter()
+            out = fn(slots, chunks, **k)
+            jax.block_until_ready(engine.state.lengths)
+            n = 1 if isinstance(slots, (int, np.integer)) else len(slots)
+            calls.append(("prefill", time.perf_counter() - t0, n, sum(len(c) for c in chunks)))
+            return out
+        return decode if name == "decode" else prefill
 
-    engine.decode, engine.prefill = timed_decode, timed_prefill
-    try:
+    with _wrapped(engine, ("decode", "prefill"), timed):
         tokens_per_s, metrics = run()
-    finally:
-        engine.decode, engine.prefill = decode, prefill
     seconds = metrics["rollout/seconds"]
     dec = [c for c in calls if c[0] == "decode"]
     pre = [c for c in calls if c[0] == "prefill"]

@@ -2,6 +2,8 @@
 # The GPU figures of docs/benchmarks.md for the trainer and agent issues, one device call each:
 #   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention tests, agentic rollout ratio (cuDNN and XLA attention)
 #   bash tools/gpu_benchmarks.sh rollout_policy  # the same with wait_fraction 0.125, and with 4 waves
+#   bash tools/gpu_benchmarks.sh timeline  # device busy / idle per kind of engine call in a rollout
+#   bash tools/gpu_benchmarks.sh prefill_compile  # compile time vs speed of a prefill shape under three GEMM settings
 #   bash tools/gpu_benchmarks.sh rlstep    # the profiled 0.6B RL step alone
 #   bash tools/gpu_benchmarks.sh train     # cuDNN test, profiled RL step, train-step MFU vs HF, peak memory
 #   bash tools/gpu_benchmarks.sh trainprof # per-op GPU time of the 1.7B train step (before / after a change)
@@ -40,8 +42,17 @@ rollout)
 rollout_policy)  # the loop's wait policy and continuous refill (4 waves of 64 trajectories through 64 slots)
   run 240 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
     --tool_every 64 --wait_fraction 0.125 --tag wait0125
-  run 300 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
-    --tool_every 64 --waves 4 --repeats 1 --tag waves4
+  run 330 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+    --tool_every 64 --waves 4 --warmups 2 --repeats 2 --tag waves4
+  ;;
+timeline)  # where a rollout's wall time goes: device busy / idle inside each kind of engine call and host work
+  run 330 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+    --tool_every 64 --timeline --tag timeline
+  ;;
+prefill_compile)  # compile time and speed of one prefill shape: Triton GEMMs (default), cuBLAS, no autotuning
+  for flags in "" --xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0; do
+    XLA_FLAGS=$flags run 150 python3 tools/profile_engine.py prefill --rows 16 --chunk 60 --top 0
+  done
   ;;
 rlstep)
   run 240 "${RL_STEP[@]}"

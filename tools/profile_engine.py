@@ -2,6 +2,10 @@
 
   python tools/profile_engine.py [--preset 1.7b --slots 64 --max_len 1344 --start 600] prefill [--rows 16 --chunk 60]
   python tools/profile_engine.py [...] decode [--steps 16]
+  python tools/profile_engine.py [...] decode_calls   # wall time of one decode call vs its step count
+
+`decode_calls` times whole decode calls of 1, 2, 4, ..., 64 steps (the rollout's call width, 64) without the
+profiler and fits wall = fixed + per_step x steps: the fixed part is what each return to the host costs.
 
 Random bf16 weights. Every slot first holds `start` tokens. `prefill` appends a chunk of `chunk` tokens to
 `rows` slots (a round of tool results in the rollout loop), then rewinds them, so every timed call sees the
@@ -38,7 +42,7 @@ def _shapes(tree):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("call", choices=("prefill", "decode"))
+    p.add_argument("call", choices=("prefill", "decode", "decode_calls"))
     p.add_argument("--preset", default="1.7b")
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--max_len", type=int, default=1344)
@@ -62,6 +66,8 @@ def main(argv=None):
     slots = list(range(args.slots))
     engine.prefill(slots, rng.integers(0, config.vocab_size, (args.slots, args.start)).tolist(),
                    sampling=SamplingParams(temperature=1.0), stops=[], ignore_eos=True)
+    if args.call == "decode_calls":
+        return decode_calls(engine, slots, args.start, args.repeats)
     rows = slots[:args.rows]
     chunks = rng.integers(0, config.vocab_size, (args.rows, args.chunk)).tolist()
     recorded = {}
@@ -88,6 +94,8 @@ def main(argv=None):
     for i in range(args.repeats + 2):
         t0 = time.perf_counter()
         call()
+        if i == 0:
+            first_call_s = time.perf_counter() - t0  # compiles the call's executable (and the rewind's)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     specs, kwargs = recorded["specs"]
@@ -101,18 +109,50 @@ def main(argv=None):
             else f"decode {args.steps} steps x {args.slots} slots")
     summary = dict(device=jax.devices()[0].device_kind, call=what, attention=engine.attention, start=args.start,
                    ms_call_incl_rewind=statistics.median(times) * 1e3, kernel_ms_per_call=busy,
+                   first_call_s=first_call_s,
                    by_category=dict(by_cat.most_common()))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"profile_engine_{args.call}.json"), "w") as f:
             json.dump(dict(summary=summary, ops=rows_out), f, indent=1, default=list)
     print(f"{summary['device']} {what} at length {args.start}, attention {engine.attention}: "
-          f"{summary['ms_call_incl_rewind']:.2f} ms per call (median, with the rewind), kernel time {busy:.2f} ms")
+          f"{summary['ms_call_incl_rewind']:.2f} ms per call (median, with the rewind), kernel time {busy:.2f} ms, "
+          f"first call (compiles) {first_call_s:.1f} s")
     for cat, ms in by_cat.most_common():
         print(f"  {ms:8.3f} ms  {cat}")
     for r in rows_out[:args.top]:
         print(f"  {r['ms']:7.3f} ms {r['calls']:5.0f}x {r['category'][:20]:20} {r.get('opcode', '')[:12]:12} "
               f"{r.get('shape', '')[:40]:40} {r.get('stack', '')[:60]} | "
               f"{','.join(o for o in r.get('fused_ops', []) if o not in ('parameter', 'bitcast', 'constant'))[:40]}")
+    return summary
+
+
+def decode_calls(engine, slots, start, repeats):
+    """Median wall time of a decode call (all slots running, no stop) per step count, and the linear fit."""
+    static = engine._decode_static(64)
+    steps_list = (1, 2, 4, 8, 16, 32, 64)
+    wall = {}
+    for steps in steps_list:
+        times = []
+        for i in range(repeats + 1):
+            engine.rewind(slots, start, seed=0)
+            engine.prefill(slots, [[1]] * len(slots))
+            jax.block_until_ready(engine.state.lengths)
+            t0 = time.perf_counter()
+            engine.state, out = engine._decode(engine._weights, engine.state, np.int32(steps), np.int32(1),
+                                               np.float32(1.0), **static)
+            jax.block_until_ready(out)
+            if i:
+                times.append(time.perf_counter() - t0)
+        wall[steps] = statistics.median(times) * 1e3
+    per_step, fixed = np.polyfit(np.array(steps_list, float), np.array([wall[s] for s in steps_list]), 1)
+    summary = dict(device=jax.devices()[0].device_kind, slots=len(slots), start=start, ms_per_call=wall,
+                   fit_fixed_ms=float(fixed), fit_ms_per_step=float(per_step))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profile_engine_decode_calls.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    print(f"{summary['device']} decode calls, {len(slots)} slots at length {start}: "
+          + ", ".join(f"{s} steps {ms:.2f} ms" for s, ms in wall.items()))
+    print(f"fit: {fixed:.2f} ms per call + {per_step:.3f} ms per step")
     return summary
 
 

@@ -332,7 +332,7 @@ class _Run:
             self.engine.prefill([slot for slot, _ in appended], [ids for _, ids in appended])
 
     def _wait(self, future, next_decode):
-        while next_decode is not None and not next_decode.output.counts.is_ready():
+        while next_decode is not None and not next_decode.output.is_ready():
             try:
                 return future.result(timeout=0.002)
             except concurrent.futures.TimeoutError:

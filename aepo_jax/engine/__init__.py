@@ -13,7 +13,8 @@ On GPU the default decode attention is cuDNN's fused attention over a [slots, ma
 cache (only each slot's valid prefix is read); elsewhere an einsum attention over a head-major cache.
 Modules: engine (Engine, state, compiled prefill / decode / fork / release), forward (the model over the
 slot cache), sampling (temperature / top-k / top-p, log-prob and entropy), stops (stop strings on token
-ids), hlo (checks that the decode loop never copies the cache).
+ids), packing (a call's per-row fields as one int32 array), hlo (checks that the decode loop never copies
+the cache).
 """
 
 from aepo_jax.engine.engine import (EOS, LENGTH, REASONS, RUNNING, STOP, DecodeOutput, DecodeResult, Engine,

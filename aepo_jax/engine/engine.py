@@ -29,11 +29,13 @@ are written to the cache, so a tool result appended after `</search>` follows it
 Randomness: each slot has a key; the token at position p is drawn with fold_in(key, p). A forked slot that
 keeps its parent's key therefore reproduces the parent's continuation token for token.
 
-Performance (see tools/benchmark_decode.py): a decode step reads the weights once and each slot's KV cache
-once (attention="cudnn": only its valid prefix; "xla": the whole max_len), writes one KV row per running
-slot in place (the compiled loop holds no copy of a cache buffer: `hlo.cache_copies`), and computes logits
-only for the [S] last tokens. Prefill compiles once per (rows, chunk, key-window) bucket, decode once per
-(output width, sampling mode); fork and release once per row bucket.
+Performance (see tools/benchmark_decode.py): a decode step reads the weights once and each running slot's KV
+cache once (attention="cudnn": only its valid prefix, and nothing for a stopped or free slot; "xla": every
+slot's whole max_len), writes one KV row per running slot in place (the compiled loop holds no copy of a cache
+buffer: `hlo.cache_copies`), and computes logits only for the [S] last tokens. A prefill's arguments go to the
+device, and a decode's results come back, as one packed int32 array each (`packing`: one transfer). Prefill
+compiles once per (rows, chunk, key-window) bucket, decode once per (output width, sampling mode); fork and
+release once per row bucket.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from aepo_jax.engine import forward, sampling, stops as stops_lib
+from aepo_jax.engine import forward, packing, sampling, stops as stops_lib
 from aepo_jax.engine.sampling import SamplingParams
 
 Array = jax.Array
@@ -57,6 +59,8 @@ Array = jax.Array
 # Why a slot stopped (EngineState.reason, DecodeResult.reason).
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 REASONS = {RUNNING: None, EOS: "eos", STOP: "stop", LENGTH: "length"}
+# Per-slot settings a prefill sets (a fresh slot always; an appended-to one where given).
+SETTINGS = ("temperature", "top_p", "top_k", "limit", "stops", "eos_stop")
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +88,8 @@ class EngineState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeOutput:
-    """What one decode call produced, per slot (device arrays; `DecodeResult` fetches them)."""
+    """What one decode call produced, per slot. The compiled call returns it packed into one int32 array
+    (`packing`: one device-to-host transfer); `DecodeResult` fetches and unpacks it."""
 
     tokens: Array      # [S, W] int32 new tokens of the call, -1 past counts
     logprobs: Array    # [S, W] f32 log p(token) under softmax(logits / T), 0 past counts
@@ -140,10 +145,13 @@ def _put_if(arr: Array, rows: Array, cond: Array, new) -> Array:
     return _put(arr, rows, jnp.where(cond, new, old))
 
 
-def _prefill_impl(spec: _Spec, weights, state: EngineState, tokens, rows, num_new, fresh, seeds, settings,
-                  *, window: int):
-    """settings: {field: (set [R] bool, value [R, ...])} for limit, temperature, top_p, top_k, stops and
-    eos_stop; a field is overwritten only in the rows where its flag is set."""
+def _prefill_impl(spec: _Spec, weights, state: EngineState, packed, *, layout, window: int):
+    """packed: the call's per-row arguments in one int32 array (see `packing`): tokens [R, T], rows, num_new,
+    fresh, seeds, and for each setting in SETTINGS its value and a flag `<name>_set`: the setting is
+    overwritten only in the rows where the flag is set."""
+    args = packing.unpack(packed, layout)
+    tokens, rows, num_new, fresh, seeds = (args[k] for k in ("tokens", "rows", "num_new", "fresh", "seeds"))
+    settings = {name: (args[name + "_set"], args[name]) for name in SETTINGS}
     model = _model(spec, weights)
     starts = jnp.where(fresh, 0, jnp.take(state.lengths, rows, mode="clip"))
     hidden, keys, values = forward.prefill_chunk(model, state.keys, state.values, tokens, rows, starts,
@@ -237,7 +245,25 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
     out = DecodeOutput(tokens=c["tokens"], logprobs=c["logprobs"], entropies=c["entropies"],
                        counts=counts, stopped=c["stopped"], reason=c["reason"], stop_id=c["stop_id"],
                        lengths=c["lengths"], steps=c["step"])
-    return new_state, out
+    return new_state, packing.pack(_result_fields(out))
+
+
+def _result_fields(out: DecodeOutput) -> dict:
+    """A decode result's fields as per-row arrays (the step count repeated on every row), for `packing`."""
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    xp = np if isinstance(out.counts, np.ndarray) else jnp
+    fields["steps"] = xp.broadcast_to(out.steps, out.counts.shape)
+    return fields
+
+
+@functools.lru_cache(maxsize=None)
+def _result_layout(width: int):
+    """The packed layout of a decode result with `width` token columns (the dtypes `_decode_impl` uses)."""
+    row = lambda dtype, *shape: np.zeros((1,) + shape, dtype)
+    return packing.layout(_result_fields(DecodeOutput(
+        tokens=row(np.int32, width), logprobs=row(np.float32, width), entropies=row(np.float32, width),
+        counts=row(np.int32), stopped=row(np.bool_), reason=row(np.int32), stop_id=row(np.int32),
+        lengths=row(np.int32), steps=np.zeros((), np.int32))))
 
 
 def _fork_impl(spec: _Spec, state: EngineState, src, dst, same_key, fork_ids):
@@ -270,23 +296,22 @@ def _release_impl(state: EngineState, rows):
 class DecodeResult:
     """The outcome of one `Engine.decode` call.
 
-    `output` holds device arrays (the call is asynchronous); any other attribute fetches them once (one
-    transfer) as numpy arrays: tokens / logprobs / entropies [S, W], counts, stopped, reason, stop_id,
-    lengths [S], steps.
+    `output` is the call's packed int32 device array (the call is asynchronous); any other attribute fetches
+    it once (one transfer) and unpacks the `DecodeOutput` fields as numpy arrays: tokens / logprobs /
+    entropies [S, W], counts, stopped, reason, stop_id, lengths [S], steps (a scalar).
     """
 
-    def __init__(self, engine: "Engine", output: DecodeOutput, version: int):
+    def __init__(self, engine: "Engine", output: Array, width: int, version: int):
         self.output = output
         self._engine = engine
+        self._width = width
         self._version = version
         self._host: dict[str, np.ndarray] | None = None
 
     def fetch(self) -> "DecodeResult":
         if self._host is None:
-            # (not dataclasses.asdict: it deep-copies each device array, a device copy and a dispatch per
-            # field, ~6 ms per fetch on an H100 host)
-            host = jax.device_get({f.name: getattr(self.output, f.name) for f in dataclasses.fields(self.output)})
-            self._host = {k: np.asarray(v) for k, v in host.items()}
+            self._host = packing.unpack(np.asarray(jax.device_get(self.output)), _result_layout(self._width))
+            self._host["steps"] = self._host["steps"][0]
             self.__dict__.update(self._host)  # later reads are plain attributes, not __getattr__ calls
             self._engine._learn_lengths(self._host["lengths"], self._version)
         return self
@@ -422,8 +447,12 @@ class Engine:
         # XLA:GPU merges matmuls that share an input (the MLP's gate and up projections) by concatenating
         # their weights. In the decode loop the concatenation fuses into the GEMM; a prefill's cuBLAS GEMMs
         # got a materialised copy of those weights on every call (1.4 GB for Qwen3-1.7B: ~1.4 ms on an H100).
-        prefill_options = {"xla_gpu_dot_merger_threshold_mb": 0} if jax.default_backend() == "gpu" else None
-        self._prefill = jax.jit(functools.partial(_prefill_impl, spec), static_argnames=("window",),
+        # Command buffers (CUDA graphs) are off for the prefill: updating and launching its graph cost more
+        # host time than launching its kernels one by one (H100: 13.84 -> 12.96 ms per call); the decode
+        # loop keeps them (its per-step cost is lower with them).
+        prefill_options = ({"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_command_buffer": ""}
+                           if jax.default_backend() == "gpu" else None)
+        self._prefill = jax.jit(functools.partial(_prefill_impl, spec), static_argnames=("layout", "window"),
                                 donate_argnums=(1,), compiler_options=prefill_options)
         self._decode = jax.jit(functools.partial(_decode_impl, spec),
                                static_argnames=("width", "greedy_only", "candidates"), donate_argnums=(1,))
@@ -591,26 +620,24 @@ class Engine:
             a = np.asarray(a, dtype)
             return np.concatenate([a, np.full((rows_b - n,) + a.shape[1:], fill, dtype)])
 
-        def setting(given, value, fill, dtype):
-            return pad(fresh | np.asarray(given, bool), False, bool), pad(value, fill, dtype)
-
         sp = [p if p is not None else SamplingParams() for p in params_list]
         has_sp = [p is not None for p in params_list]
-        settings = {
-            "temperature": setting(has_sp, [p.temperature for p in sp], 1.0, np.float32),
-            "top_p": setting(has_sp, [p.top_p for p in sp], 1.0, np.float32),
-            "top_k": setting(has_sp, [p.top_k for p in sp], 0, np.int32),
-            "limit": setting([lim is not None for lim in limits],
-                             [self.max_len if lim is None else int(lim) for lim in limits], 0, np.int32),
-            "stops": setting([stops is not None] * n, np.broadcast_to(stop_mask, (n, stop_mask.size)),
-                             False, bool),
-            "eos_stop": setting([ignore_eos is not None] * n, [not ignore_eos] * n, True, bool),
-        }
         seeds = [int(sd) if sd is not None else next(self._request_counter) for sd in seeds]
-        self.state = self._prefill(
-            self._weights, self.state, tokens, pad(slots, self.num_slots, np.int32), pad(sizes, 0, np.int32),
-            pad(fresh, False, bool), pad(np.asarray(seeds, np.int64) % (2 ** 31), 0, np.int32), settings,
-            window=window)
+        args = dict(tokens=tokens, rows=pad(slots, self.num_slots, np.int32), num_new=pad(sizes, 0, np.int32),
+                    fresh=pad(fresh, False, bool),
+                    seeds=pad(np.asarray(seeds, np.int64) % (2 ** 31), 0, np.int32))
+        for name, given, value, fill, dtype in (
+                ("temperature", has_sp, [p.temperature for p in sp], 1.0, np.float32),
+                ("top_p", has_sp, [p.top_p for p in sp], 1.0, np.float32),
+                ("top_k", has_sp, [p.top_k for p in sp], 0, np.int32),
+                ("limit", [lim is not None for lim in limits],
+                 [self.max_len if lim is None else int(lim) for lim in limits], 0, np.int32),
+                ("stops", [stops is not None] * n, np.broadcast_to(stop_mask, (n, stop_mask.size)), False, bool),
+                ("eos_stop", [ignore_eos is not None] * n, [not ignore_eos] * n, True, bool)):
+            args[name + "_set"] = pad(fresh | np.asarray(given, bool), False, bool)
+            args[name] = pad(value, fill, dtype)
+        self.state = self._prefill(self._weights, self.state, packing.pack(args), layout=packing.layout(args),
+                                   window=window)
         for i, s in enumerate(slots):
             if fresh[i] or has_sp[i]:
                 self._sampling[s] = sp[i]
@@ -630,11 +657,12 @@ class Engine:
             raise ValueError(f"decode: max_steps must be >= 1, got {max_steps}")
         if not 0.0 <= wait_fraction <= 1.0:
             raise ValueError(f"decode: wait_fraction must be in [0, 1], got {wait_fraction}")
+        static = self._decode_static(max_steps)
         self.state, out = self._decode(self._weights, self.state, np.int32(max_steps), np.int32(min_waiting),
-                                       np.float32(wait_fraction), **self._decode_static(max_steps))
+                                       np.float32(wait_fraction), **static)
         self._version += 1
         self._lengths_known[self._occupied] = False
-        return DecodeResult(self, out, self._version)
+        return DecodeResult(self, out, static["width"], self._version)
 
     def _decode_static(self, max_steps: int) -> dict:
         greedy_only, candidates = sampling.sampling_mode(

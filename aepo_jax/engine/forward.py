@@ -96,7 +96,8 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
     Rows with write=False are computed but neither written to the cache nor meant to be used. Returns the
     final normed hidden states [S, H] and the new per-layer key / value buffers. impl "xla" attends to the
     whole cache with a position mask; "cudnn" ("bshd" only) calls cuDNN's fused attention through
-    `jax.nn.dot_product_attention` with per-slot key lengths, which reads only each slot's valid prefix.
+    `jax.nn.dot_product_attention` with per-slot key lengths, which reads only each slot's valid prefix
+    (one key for a write=False row: the slots that wait for a tool or are free read no cache).
     """
     num_slots = tokens.shape[0]
     max_len = keys[0].shape[_seq_axis(layout)]
@@ -104,7 +105,9 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
     positions = lengths[:, None]
     write_pos = jnp.where(write, lengths, max_len)[:, None]
     mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
-    kv_lengths = jnp.minimum(lengths + 1, max_len).astype(jnp.int32)
+    # cuDNN reads each slot's first kv_lengths keys: a slot that writes nothing this step (stopped, free)
+    # reads one, so idle slots cost no KV bandwidth (their outputs are discarded by the caller).
+    kv_lengths = jnp.where(write, jnp.minimum(lengths + 1, max_len), 1).astype(jnp.int32)
     scale = model.config.head_dim ** -0.5
     _check_impl(impl, layout)
     x = model.embed_tokens(tokens[:, None])

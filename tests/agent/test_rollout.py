@@ -168,7 +168,8 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch):
     from tools import benchmark_rollout
     monkeypatch.setenv("OUT", str(tmp_path))
     summary = benchmark_rollout.main(["--preset", "tiny", "--batch", "4", "--prompt", "8", "--response", "96",
-                                      "--tool_every", "8", "--repeats", "1", "--breakdown", "--tag", "t"])
+                                      "--tool_every", "8", "--repeats", "1", "--breakdown", "--timeline",
+                                      "--tag", "t"])
     saved = json.loads((tmp_path / "rollout_bench_t.json").read_text())
     metrics = saved["agentic_rollout"]["metrics"]
     assert metrics["rollout/tool_calls_per_traj"] > 1
@@ -179,3 +180,12 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch):
     assert b["prefill_calls"] >= 2 and 0 < b["slot_use"] <= 1
     sampled = sum(c[3] for c in b["calls"] if c[0] == "decode")
     assert sampled == pytest.approx(b["tokens_per_s"] * b["seconds"], rel=1e-6)
+    # the profiled run: its parts tile the run's wall time, device-busy time never exceeds wall time, and
+    # every decode call and prefill was seen
+    t = saved["timeline"]
+    assert sum(p["wall_ms"] for p in t["parts"].values()) == pytest.approx(t["wall_ms"], rel=1e-6)
+    assert all(0 <= p["busy_ms"] <= p["wall_ms"] + 1e-6 for p in t["parts"].values())
+    assert 0 < t["busy_ms"] <= t["wall_ms"]
+    assert t["parts"]["decode"]["calls"] == metrics["rollout/decode_calls"]
+    assert t["parts"]["prefill"]["calls"] >= 2
+    assert (tmp_path / "rollout_trace_rounds.json.gz").exists()

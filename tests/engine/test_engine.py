@@ -174,7 +174,9 @@ def test_bf16_engine_stays_close_to_the_float32_forward(env, tmp_path):
                     reason="cuDNN attention needs a GPU; tools/gpu_benchmarks.sh runs this on the device machine")
 def test_cudnn_engine_matches_the_xla_engine():
     """attention="cudnn" (decode: per-slot key lengths; prefill: the offset-causal mask as a bias) against the
-    einsum attention on the same bf16 model and cache layout: prompts, an appended chunk, then decode."""
+    einsum attention on the same bf16 model and cache layout: prompts, an appended chunk, then decode in which
+    slot 0 stops after 2 tokens and idles (its cuDNN key length drops to 1), then a chunk appended to slot 0
+    and decode again."""
     from flax import nnx
 
     config = qwen3.Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
@@ -184,13 +186,18 @@ def test_cudnn_engine_matches_the_xla_engine():
     seen = {}
     for impl in ("xla", "cudnn"):
         engine = Engine(model, num_slots=4, max_len=128, attention=impl, layout="bshd", prefill_buckets=(16, 64))
-        engine.prefill([0, 1, 2], prompts, sampling=SamplingParams.greedy(), ignore_eos=True)
+        engine.prefill([0, 1, 2], prompts, sampling=SamplingParams.greedy(), ignore_eos=True,
+                       max_length=[9 + 5 + 2, 128, 128])
         after_prompt = np.asarray(engine.state.hidden, np.float32)
         engine.prefill([0, 2], chunks)  # appended at positions 9 and 23: queries start mid-sequence
         after_chunk = np.asarray(engine.state.hidden, np.float32)
         res = engine.decode(6, wait_fraction=1.0).fetch()
-        cache = [np.asarray(engine.state.keys[0][s, :n], np.float32) for s, n in enumerate(res.lengths[:3])]
-        seen[impl] = (after_prompt[:3], after_chunk[:3], res.tokens[:3], res.logprobs[:3], cache,
+        assert list(res.counts[:3]) == [2, 6, 6]
+        engine.prefill([0], [chunks[1][:7]], max_length=[128])
+        res2 = engine.decode(4, wait_fraction=1.0).fetch()
+        cache = [np.asarray(engine.state.keys[0][s, :n], np.float32) for s, n in enumerate(res2.lengths[:3])]
+        seen[impl] = (after_prompt[:3], after_chunk[:3], np.concatenate([res.tokens[:3], res2.tokens[:3]], 1),
+                      np.concatenate([res.logprobs[:3], res2.logprobs[:3]], 1), cache,
                       np.asarray(engine.state.hidden, np.float32)[:3])
     (p_x, c_x, t_x, l_x, k_x, h_x), (p_c, c_c, t_c, l_c, k_c, h_c) = seen["xla"], seen["cudnn"]
     close = lambda a, b: float(np.abs(a - b).max()) <= 0.03 * float(np.abs(a).max())
@@ -497,6 +504,19 @@ def test_profile_script_attributes_a_prefill_to_its_ops(tmp_path, monkeypatch):
     assert summary["call"] == "prefill 3 rows x 10 tokens" and summary["kernel_ms_per_call"] > 0
     assert summary["by_category"].get("matmul", 0) > 0
     assert any("forward.py" in op.get("stack", "") for op in ops)  # ops map back to the engine's source
+
+
+def test_profile_engine_decode_calls_fits_a_per_step_cost(tmp_path, monkeypatch):
+    """tools/profile_engine.py decode_calls on CPU: a call of more steps costs more, and the fitted line
+    reproduces the measured times."""
+    from tools import profile_engine
+    monkeypatch.setenv("OUT", str(tmp_path))
+    s = profile_engine.main(["decode_calls", "--preset", "tiny", "--slots", "4", "--max_len", "160", "--start", "40",
+                             "--repeats", "3"])
+    wall = {int(k): v for k, v in s["ms_per_call"].items()}
+    assert list(wall) == [1, 2, 4, 8, 16, 32, 64] and wall[64] > wall[1] and s["fit_ms_per_step"] > 0
+    fitted = {n: s["fit_fixed_ms"] + s["fit_ms_per_step"] * n for n in wall}
+    assert abs(fitted[64] - wall[64]) < 0.25 * wall[64]
 
 
 def test_row_buckets_waste_under_a_third_and_stay_few():
