@@ -27,7 +27,8 @@ Schedulers (section 3):
         consecutive-branch penalty: p = clip((u + gamma dH) max(0, 1 - lambda l)), branch iff p >= tau.
 A branch is a fork of the parent's slot (a copy of its KV cache) rewound to the end of the tool result,
 so it re-samples the segment after the tool call with its own RNG; the prefix is never re-prefilled (the
-last prefix token is re-run once to recompute the next-token state). Every question ends with exactly k
+last prefix token is re-run once to recompute the next-token state, in the same prefill call as the round's
+tool results: one call per round appends everything). Every question ends with exactly k
 trajectories: when all of its paths end before k exist, fresh ones start from the question.
 """
 
@@ -146,6 +147,7 @@ class _Run:
         self.pending: list[Trajectory] = []        # waiting for a free slot
         self.slot_of: dict[int, Trajectory] = {}   # occupied slot -> trajectory
         self.ended: list[int] = []                 # slots of finished trajectories, released in one call
+        self.appends: list[tuple[int, list[int]]] = []  # (slot, token ids) to append, in one prefill call
         self.status: dict[int, str] = {}           # slot -> 'running' | 'tool'
         self.awaiting: dict[int, int] = {}         # slot -> response index of the segment to judge
         self.question_consecutive = [0] * len(prompts)
@@ -167,6 +169,7 @@ class _Run:
         return traj
 
     def _start_pending(self) -> None:
+        self._flush_appends()
         free = self._free_slots()
         starts = self.pending[:len(free)]
         self.pending = self.pending[len(free):]
@@ -190,6 +193,14 @@ class _Run:
         traj.finish_reason = reason
         self._record_signals(traj, final=True)
         self.ended.append(slot)
+
+    def _flush_appends(self) -> None:
+        """Appends the queued chunks (a round's tool results, the last prefix token of each new branch) in one
+        engine prefill: every call costs a dispatch and reads all the weights."""
+        if self.appends:
+            slots, chunks = zip(*self.appends)
+            self.appends = []
+            self.engine.prefill(list(slots), list(chunks))
 
     def _free_slots(self) -> list[int]:
         """Releases the slots of trajectories that ended since the last call (one engine call instead of
@@ -259,7 +270,8 @@ class _Run:
         prefix_len = len(parent.prompt) + start
         self.engine.fork(slot, child_slot)
         self.engine.rewind(child_slot, prefix_len - 1, seed=self._seed_of(child))
-        self.engine.prefill([child_slot], [[(parent.prompt + parent.response)[prefix_len - 1]]])
+        # re-running the last prefix token recomputes the next-token state; it joins the round's prefill
+        self.appends.append((child_slot, [(parent.prompt + parent.response)[prefix_len - 1]]))
         self.slot_of[child_slot], self.status[child_slot] = child, "running"
         self.stats["branches"] += 1
         self.stats["branch_tool_index"].append(len(child.tool_calls))
@@ -305,10 +317,9 @@ class _Run:
         return calls
 
     def _append_results(self, submitted, next_decode=None) -> None:
-        """Waits for the tool calls and appends their results in one prefill. The time the device sat idle
-        meanwhile counts as tool wait: all of it without a decode call in flight, else what is left after
-        that call finished."""
-        appended = []
+        """Waits for the tool calls and appends their results, with any queued branch tokens, in one prefill.
+        The time the device sat idle meanwhile counts as tool wait: all of it without a decode call in
+        flight, else what is left after that call finished."""
         for slot, call, future in submitted:
             outcome = self._wait(future, next_decode)
             traj = self.slot_of[slot]
@@ -327,9 +338,8 @@ class _Run:
             self.status[slot] = "running"
             if self.branching and not traj.is_probe:
                 self.awaiting[slot] = len(traj.response)
-            appended.append((slot, ids))
-        if appended:
-            self.engine.prefill([slot for slot, _ in appended], [ids for _, ids in appended])
+            self.appends.append((slot, ids))
+        self._flush_appends()
 
     def _wait(self, future, next_decode):
         while next_decode is not None and not next_decode.output.is_ready():

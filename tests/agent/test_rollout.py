@@ -92,6 +92,30 @@ def test_same_seed_same_rollout(world):
     assert a.decisions == b.decisions
 
 
+@pytest.mark.parametrize("tool_overlap", [False, True])
+def test_a_round_appends_in_one_prefill_call(world, tool_overlap):
+    """The tool results of a round and the re-run prefix token of each branch made in it go to the engine in
+    one prefill call: calls that append to occupied slots never outnumber the decode calls, while branches
+    and tool calls both happen."""
+    tok, _, _ = world
+    engine = _engine(tok, 40)
+    appending_calls = []
+    prefill = engine.prefill
+
+    def counting(slots, chunks, **kw):
+        if engine.occupied[slots].all():
+            appending_calls.append(len(slots))
+        return prefill(slots, chunks, **kw)
+
+    engine.prefill = counting
+    result = _run(world, "arpo", questions=6, k=6, m=2, pre_monitor=False, engine=engine,
+                  tool_overlap=tool_overlap)
+    branches = result.metrics["rollout/branches_per_question"] * 6
+    assert branches >= 3 and result.metrics["rollout/tool_calls_per_traj"] > 0.5
+    assert len(appending_calls) <= result.metrics["rollout/decode_calls"]
+    assert sum(appending_calls) >= branches  # every branch's token went through an appending call
+
+
 def test_tool_order_changes_when_slots_run_not_what_they_sample(world):
     """Each trajectory's tokens depend on its own seed and history only, so decoding the other slots while
     the tools run (one extra idle call for the calling slots) gives the same trajectories, in more calls."""
