@@ -108,6 +108,15 @@ HARD_ATTRIBUTION = flags.DEFINE_bool("hard_attribution", False,
                                      "of the branches containing them")
 ENTROPY_ADVANTAGE_ALPHA = flags.DEFINE_float("entropy_advantage_alpha", 0.2,
                                              "AEPO entropy-aware advantage a (0: off)")
+OVERLONG_BUFFER = flags.DEFINE_integer("overlong_buffer", 0,
+                                       "DAPO soft overlong punishment: a response of L tokens (tool results "
+                                       "included) gets min(0, (max_response_tokens - buffer - L) / buffer) added "
+                                       "to its reward, -1 past max_response_tokens (0: off; DAPO: 4096 of 20480)")
+DYNAMIC_SAMPLING = flags.DEFINE_bool("dynamic_sampling", False,
+                                     "DAPO dynamic sampling: groups whose rewards are all equal (zero advantage) "
+                                     "are left out of the loss, so they do not dilute the token mean; the "
+                                     "batch keeps its shape (no re-sampling), and a step with no group left "
+                                     "makes no update")
 CLIP_EPS_LOW = flags.DEFINE_float("clip_eps_low", None, "Override the loss's lower clip")
 CLIP_EPS_HIGH = flags.DEFINE_float("clip_eps_high", None, "Override the loss's upper clip")
 KL_COEF = flags.DEFINE_float("kl_coef", 0.0, "KL penalty to the initial (reference) model; 0: no reference")

@@ -331,12 +331,36 @@ class Trainer:
             return np.asarray(adv_lib.dr_grpo_advantages(r, k))
         return np.asarray(adv_lib.rloo_advantages(r, k))
 
+    def _shape_rewards(self, task_reward: np.ndarray, trajs) -> tuple[np.ndarray, dict[str, float]]:
+        """The reward the advantages use: the task reward plus DAPO's soft overlong punishment when
+        --overlong_buffer > 0 (on the response length, tool results included, against --max_response_tokens)."""
+        cfg = self.cfg
+        if not cfg.overlong_buffer:
+            return task_reward, {}
+        lengths = np.array([len(t.response) for t in trajs])
+        penalty = np.asarray(adv_lib.overlong_penalty(lengths, max_length=cfg.max_response_tokens,
+                                                      cache_length=cfg.overlong_buffer), np.float32)
+        return task_reward + penalty, {"reward/overlong_penalty": float(penalty.mean()),
+                                       "reward/overlong_fraction": float((penalty < 0).mean())}
+
+    def _drop_flat_groups(self, batch, reward: np.ndarray, k: int) -> dict[str, float]:
+        """DAPO dynamic sampling (--dynamic_sampling): zeroes the loss mask of every group whose rewards are
+        all equal, in place; returns the kept fraction of groups."""
+        if not self.cfg.dynamic_sampling:
+            return {}
+        keep = np.asarray(adv_lib.dynamic_sampling_mask(jnp.asarray(reward), k))
+        batch["loss_mask"][~keep] = 0
+        return {"dynamic_sampling/kept_groups": float(keep.mean())}
+
     def _rl(self, state, start: int, position) -> tuple[step_lib.TrainState, dict[str, float]]:
         cfg = self.cfg
         k = cfg.group_size
         sampler = datasets.EpochSampler(len(self.train_records), seed=cfg.seed + 1)
         if position:
             sampler.restore(position)
+        if not 0 <= cfg.overlong_buffer <= cfg.max_response_tokens:
+            raise ValueError(f"--overlong_buffer={cfg.overlong_buffer} must be in [0, --max_response_tokens="
+                             f"{cfg.max_response_tokens}]")
         loss_kwargs = {"kl_coef": cfg.kl_coef, "kl_estimator": cfg.kl_estimator, "entropy_coef": cfg.entropy_coef}
         if cfg.clip_eps_low is not None:
             loss_kwargs["clip_eps_low"] = cfg.clip_eps_low
@@ -374,21 +398,26 @@ class Trainer:
                 t1 = time.perf_counter()
                 scored = self._score(result.groups, records, reward_fn)
                 trajs = [t for g in result.groups for t in g]
-                reward = np.array([s.score for group in scored for s in group], np.float32)
+                task_reward = np.array([s.score for group in scored for s in group], np.float32)
+                reward, shaping = self._shape_rewards(task_reward, trajs)
                 advantages = self._advantages(reward, k)
                 batch = self._rl_batch(trajs, advantages)
+                shaping.update(self._drop_flat_groups(batch, reward, k))
                 if cfg.old_logprobs == "recompute":
                     batch["old_logprobs"] = self._aligned(logprob_fn(state.params, batch))
                 if reference is not None:
                     batch["ref_logprobs"] = self._aligned(logprob_fn(reference, batch))
                 t2 = time.perf_counter()
-                state, update_metrics = self._update(state, step_fn, batch, step)
-                engine.set_weights(self._engine_params(state.params))
+                if batch["loss_mask"].any():
+                    state, update_metrics = self._update(state, step_fn, batch, step)
+                    engine.set_weights(self._engine_params(state.params))
+                else:  # dynamic sampling left no group: nothing to learn from, so no optimiser step
+                    update_metrics = {}
                 t3 = time.perf_counter()
-                metrics = dict(result.metrics, **update_metrics)
+                metrics = dict(result.metrics, **update_metrics, **shaping)
                 metrics.update({"time/rollout_s": t1 - t0, "time/score_and_batch_s": t2 - t1,
                                 "time/update_s": t3 - t2})
-                metrics.update({"reward/mean": float(reward.mean()), "reward/std": float(reward.std()),
+                metrics.update({"reward/mean": float(task_reward.mean()), "reward/std": float(task_reward.std()),
                                 "accuracy": float(np.mean([s.accuracy for g in scored for s in g])),
                                 "format_ok": float(np.mean([s.format_ok for g in scored for s in g])),
                                 "tokens_per_s": sum(len(t.response) for t in trajs) / (time.perf_counter() - t0)})
@@ -492,7 +521,8 @@ class Trainer:
                 for traj, score in zip(group, scores):
                     f.write(json.dumps({
                         "step": step, "question": record.question, "answers": list(record.answers),
-                        "reward": score.score, "finish_reason": traj.finish_reason, "parent": traj.parent,
+                        "reward": score.score, "response_tokens": len(traj.response),
+                        "finish_reason": traj.finish_reason, "parent": traj.parent,
                         "branch_point": traj.branch_point,
                         "tool_calls": [dataclasses.asdict(c) for c in traj.tool_calls],
                         "text": render_trajectory(self.tokenizer, traj)}, ensure_ascii=False) + "\n")

@@ -136,3 +136,53 @@ def test_non_finite_updates_abort(tmp_path):
     done = _train(tmp_path / "w", "--mode=sft", "--sft_learning_rate=1e30", "--max_nonfinite_steps=2",
                   timeout=300)
     assert done.returncode != 0 and "non-finite updates" in done.stderr
+
+
+def test_dapo_overlong_penalty_and_dynamic_sampling(tmp_path):
+    """--overlong_buffer adds DAPO's soft length penalty to the reward and --dynamic_sampling drops groups with
+    equal rewards from the loss: the logged figures equal the formulas applied to the dumped trajectories."""
+    workdir = tmp_path / "dapo"
+    done = _train(workdir, "--mode=rl", "--rl_steps=2", "--dump_every=1", "--eval_every=0", "--overlong_buffer=64",
+                  "--dynamic_sampling")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(l) for l in (workdir / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "rl/reward/overlong_penalty" in r]
+    dumped = [json.loads(l) for l in (workdir / "trajectories.jsonl").read_text().splitlines()]
+    assert len(logged) == 2
+    for step, row in enumerate(logged, 1):
+        trajs = [t for t in dumped if t["step"] == step]
+        penalty = [max(-1.0, min(0.0, (96 - 64 - t["response_tokens"]) / 64)) for t in trajs]
+        assert row["rl/reward/overlong_penalty"] == pytest.approx(sum(penalty) / len(trajs), abs=1e-6)
+        shaped = [t["reward"] + p for t, p in zip(trajs, penalty)]
+        groups = [shaped[i:i + 2] for i in range(0, len(shaped), 2)]  # --group_size=2, dumped in group order
+        kept = sum(max(g) > min(g) for g in groups) / len(groups)
+        assert row["rl/dynamic_sampling/kept_groups"] == pytest.approx(kept)
+        assert ("rl/loss" in row) == (kept > 0)  # no group left: no optimiser step
+    assert any(r["rl/reward/overlong_fraction"] > 0 for r in logged)  # the penalty acted in this run
+    bad = _train(tmp_path / "bad", "--mode=rl", "--overlong_buffer=200", timeout=300)
+    assert bad.returncode != 0 and "--overlong_buffer=200 must be in [0, --max_response_tokens=96]" in bad.stderr
+
+
+def test_reward_shaping_and_group_dropping_by_hand():
+    """The trainer's DAPO glue on hand-made trajectories: penalty 0 up to max - buffer tokens, linear to -1 at
+    max, -1 beyond; a group with equal shaped rewards loses its loss mask, the others keep theirs."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from aepo_jax.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(overlong_buffer=4, max_response_tokens=10, dynamic_sampling=True)
+    trajs = [SimpleNamespace(response=[0] * n) for n in (6, 8, 10, 11)]
+    reward, logged = trainer._shape_rewards(np.array([1.0, 1.0, 0.5, 0.0], np.float32), trajs)
+    np.testing.assert_allclose(reward, [1.0, 0.5, -0.5, -1.0])  # penalties 0, -0.5, -1, -1
+    assert logged == {"reward/overlong_penalty": pytest.approx(-2.5 / 4), "reward/overlong_fraction": 0.75}
+    batch = {"loss_mask": np.ones((6, 3), np.float32)}
+    kept = trainer._drop_flat_groups(batch, np.array([1.0, 1.0, 0.0, 1.0, 0.3, 0.3], np.float32), 2)
+    assert kept == {"dynamic_sampling/kept_groups": pytest.approx(1 / 3)}
+    np.testing.assert_array_equal(batch["loss_mask"].sum(1), [0, 0, 3, 3, 0, 0])
+    trainer.cfg = SimpleNamespace(overlong_buffer=0, max_response_tokens=10, dynamic_sampling=False)
+    same, none = trainer._shape_rewards(np.array([0.2], np.float32), trajs[:1])
+    assert none == {} and same[0] == np.float32(0.2)
+    assert trainer._drop_flat_groups(batch, np.zeros(6, np.float32), 2) == {}
