@@ -115,8 +115,12 @@ OVERLONG_BUFFER = flags.DEFINE_integer("overlong_buffer", 0,
 DYNAMIC_SAMPLING = flags.DEFINE_bool("dynamic_sampling", False,
                                      "DAPO dynamic sampling: groups whose rewards are all equal (zero advantage) "
                                      "are left out of the loss, so they do not dilute the token mean; the "
-                                     "batch keeps its shape (no re-sampling), and a step with no group left "
-                                     "makes no update")
+                                     "batch keeps its shape, and a step with no group left makes no update")
+DYNAMIC_SAMPLING_ROUNDS = flags.DEFINE_integer("dynamic_sampling_rounds", 1,
+                                               "With --dynamic_sampling: rollouts per RL step at most. Above 1, "
+                                               "fresh questions are rolled out (DAPO's over-sampling) until "
+                                               "questions_per_step groups have unequal rewards; flat groups "
+                                               "fill what is still missing and are left out of the loss")
 CLIP_EPS_LOW = flags.DEFINE_float("clip_eps_low", None, "Override the loss's lower clip")
 CLIP_EPS_HIGH = flags.DEFINE_float("clip_eps_high", None, "Override the loss's upper clip")
 KL_COEF = flags.DEFINE_float("kl_coef", 0.0, "KL penalty to the initial (reference) model; 0: no reference")

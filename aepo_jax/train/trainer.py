@@ -352,12 +352,39 @@ class Trainer:
         batch["loss_mask"][~keep] = 0
         return {"dynamic_sampling/kept_groups": float(keep.mean())}
 
+    def _rollout_groups(self, sampler, run_rollout, reward_fn):
+        """The step's questions_per_step (record, group, scores): one rollout, or with --dynamic_sampling and
+        --dynamic_sampling_rounds R > 1 up to R rollouts of fresh questions, keeping the groups whose shaped
+        rewards differ until there are enough (DAPO's over-sampling; flat groups fill any shortfall).
+        run_rollout(records, round_index) -> RolloutResult. Returns records, groups, scores and the rollout
+        metrics (seconds summed over the rounds, the other figures averaged, and the number of rounds)."""
+        cfg, q = self.cfg, self.cfg.questions_per_step
+        rounds = cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 1
+        informative, flat, metrics = [], [], []
+        for round_index in range(rounds):
+            records = [self.train_records[i] for i in sampler.next_batch(q)]
+            result = run_rollout(records, round_index)
+            metrics.append(result.metrics)
+            for item in zip(records, result.groups, self._score(result.groups, records, reward_fn)):
+                shaped, _ = self._shape_rewards(np.array([s.score for s in item[2]], np.float32), item[1])
+                (informative if rounds == 1 or shaped.max() > shaped.min() else flat).append(item)
+            if len(informative) >= q:
+                break
+        records, groups, scored = (list(x) for x in zip(*(informative + flat)[:q]))
+        merged = {name: float(np.sum([m[name] for m in metrics]) if name == "rollout/seconds"
+                              else np.mean([m[name] for m in metrics])) for name in metrics[0]}
+        if rounds > 1:
+            merged["dynamic_sampling/rounds"] = float(len(metrics))
+        return records, groups, scored, merged
+
     def _rl(self, state, start: int, position) -> tuple[step_lib.TrainState, dict[str, float]]:
         cfg = self.cfg
         k = cfg.group_size
         sampler = datasets.EpochSampler(len(self.train_records), seed=cfg.seed + 1)
         if position:
             sampler.restore(position)
+        if cfg.dynamic_sampling_rounds < 1:
+            raise ValueError(f"--dynamic_sampling_rounds={cfg.dynamic_sampling_rounds} must be >= 1")
         if not 0 <= cfg.overlong_buffer <= cfg.max_response_tokens:
             raise ValueError(f"--overlong_buffer={cfg.overlong_buffer} must be in [0, --max_response_tokens="
                              f"{cfg.max_response_tokens}]")
@@ -391,13 +418,16 @@ class Trainer:
                 print("rl start: " + ", ".join(f"{k} {v:.4g}" for k, v in initial.items()), flush=True)
             for step in range(start + 1, cfg.rl_steps + 1):
                 t0 = time.perf_counter()
-                records = [self.train_records[i] for i in sampler.next_batch(cfg.questions_per_step)]
-                result = rollout_lib.rollout(engine, self.tokenizer, tools, self._prompts(records),
-                                             rollout_config, executor=executor,
-                                             seed=cfg.seed * 1_000_003 + step)
+
+                def run_rollout(records, round_index, step=step):
+                    seed = cfg.seed * 1_000_003 + step if round_index == 0 else int(
+                        np.random.SeedSequence([cfg.seed, step, round_index]).generate_state(1)[0] >> 1)
+                    return rollout_lib.rollout(engine, self.tokenizer, tools, self._prompts(records),
+                                               rollout_config, executor=executor, seed=seed)
+
+                records, groups, scored, rollout_metrics = self._rollout_groups(sampler, run_rollout, reward_fn)
                 t1 = time.perf_counter()
-                scored = self._score(result.groups, records, reward_fn)
-                trajs = [t for g in result.groups for t in g]
+                trajs = [t for g in groups for t in g]
                 task_reward = np.array([s.score for group in scored for s in group], np.float32)
                 reward, shaping = self._shape_rewards(task_reward, trajs)
                 advantages = self._advantages(reward, k)
@@ -414,7 +444,7 @@ class Trainer:
                 else:  # dynamic sampling left no group: nothing to learn from, so no optimiser step
                     update_metrics = {}
                 t3 = time.perf_counter()
-                metrics = dict(result.metrics, **update_metrics, **shaping)
+                metrics = dict(rollout_metrics, **update_metrics, **shaping)
                 metrics.update({"time/rollout_s": t1 - t0, "time/score_and_batch_s": t2 - t1,
                                 "time/update_s": t3 - t2})
                 metrics.update({"reward/mean": float(task_reward.mean()), "reward/std": float(task_reward.std()),
@@ -426,7 +456,7 @@ class Trainer:
                     eval_engine.set_weights(self._engine_params(state.params))
                     metrics.update(self._evaluate(eval_engine, tools, executor, step))
                 if cfg.dump_every and step % cfg.dump_every == 0:
-                    self._dump(step, records, result.groups, scored)
+                    self._dump(step, records, groups, scored)
                 self._log("rl", step, cfg.rl_steps, metrics)
                 summary = metrics
                 if step % cfg.checkpoint_every == 0 or step == cfg.rl_steps:

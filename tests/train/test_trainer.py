@@ -140,10 +140,11 @@ def test_non_finite_updates_abort(tmp_path):
 
 def test_dapo_overlong_penalty_and_dynamic_sampling(tmp_path):
     """--overlong_buffer adds DAPO's soft length penalty to the reward and --dynamic_sampling drops groups with
-    equal rewards from the loss: the logged figures equal the formulas applied to the dumped trajectories."""
+    equal rewards from the loss (re-sampling once more with --dynamic_sampling_rounds=2): the logged figures
+    equal the formulas applied to the dumped trajectories."""
     workdir = tmp_path / "dapo"
     done = _train(workdir, "--mode=rl", "--rl_steps=2", "--dump_every=1", "--eval_every=0", "--overlong_buffer=64",
-                  "--dynamic_sampling")
+                  "--dynamic_sampling", "--dynamic_sampling_rounds=2")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(l) for l in (workdir / "metrics" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "rl/reward/overlong_penalty" in r]
@@ -158,6 +159,8 @@ def test_dapo_overlong_penalty_and_dynamic_sampling(tmp_path):
         kept = sum(max(g) > min(g) for g in groups) / len(groups)
         assert row["rl/dynamic_sampling/kept_groups"] == pytest.approx(kept)
         assert ("rl/loss" in row) == (kept > 0)  # no group left: no optimiser step
+        if kept < 1:  # short of informative groups after the first rollout: a second one was made
+            assert row["rl/dynamic_sampling/rounds"] == 2
     assert any(r["rl/reward/overlong_fraction"] > 0 for r in logged)  # the penalty acted in this run
     bad = _train(tmp_path / "bad", "--mode=rl", "--overlong_buffer=200", timeout=300)
     assert bad.returncode != 0 and "--overlong_buffer=200 must be in [0, --max_response_tokens=96]" in bad.stderr
@@ -186,3 +189,44 @@ def test_reward_shaping_and_group_dropping_by_hand():
     same, none = trainer._shape_rewards(np.array([0.2], np.float32), trajs[:1])
     assert none == {} and same[0] == np.float32(0.2)
     assert trainer._drop_flat_groups(batch, np.zeros(6, np.float32), 2) == {}
+
+
+def test_dynamic_sampling_rounds_collect_informative_groups():
+    """--dynamic_sampling_rounds: fresh questions are rolled out until questions_per_step groups have unequal
+    rewards (then it stops), flat groups fill a shortfall, and the rollout metrics add up over the rounds."""
+    from types import SimpleNamespace
+
+    from aepo_jax.data.datasets import EpochSampler
+    from aepo_jax.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.train_records = [SimpleNamespace(question=f"q{i}", answers=[]) for i in range(8)]
+    trainer.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: str(ids[0]))
+    reward_fn = lambda text, answers: SimpleNamespace(score=float(text))
+    plan = [[(1, 1), (0, 1)], [(0, 0), (1, 1)], [(0, 1), (1, 0)]]  # per round, per question: the 2 rewards
+    calls = []
+
+    def run_rollout(records, round_index):
+        calls.append((round_index, [r.question for r in records]))
+        groups = [[SimpleNamespace(response=[r]) for r in rewards] for rewards in plan[round_index]]
+        return SimpleNamespace(groups=groups, metrics={"rollout/seconds": 1.0, "rollout/x": float(round_index)})
+
+    def collect(rounds, dynamic=True):
+        trainer.cfg = SimpleNamespace(questions_per_step=2, dynamic_sampling=dynamic, dynamic_sampling_rounds=rounds,
+                                      overlong_buffer=0, max_response_tokens=10)
+        calls.clear()
+        sampler = EpochSampler(8, seed=0)
+        order = sampler._order(0).tolist()
+        return trainer._rollout_groups(sampler, run_rollout, reward_fn), order
+
+    (records, groups, scored, metrics), order = collect(rounds=5)
+    assert [c[0] for c in calls] == [0, 1, 2]  # stopped once two informative groups existed
+    assert [r.question for r in records] == [f"q{order[1]}", f"q{order[4]}"]  # round 0's 2nd, round 2's 1st
+    assert [[s.score for s in g] for g in scored] == [[0.0, 1.0], [0.0, 1.0]]
+    assert metrics == {"rollout/seconds": 3.0, "rollout/x": 1.0, "dynamic_sampling/rounds": 3.0}
+    (records, _, scored, metrics), order = collect(rounds=2)  # one informative group: a flat one fills in
+    assert [r.question for r in records] == [f"q{order[1]}", f"q{order[0]}"]
+    assert metrics["dynamic_sampling/rounds"] == 2.0
+    (records, _, _, metrics), order = collect(rounds=5, dynamic=False)  # off: one rollout, as drawn
+    assert len(calls) == 1 and [r.question for r in records] == [f"q{order[0]}", f"q{order[1]}"]
+    assert "dynamic_sampling/rounds" not in metrics
