@@ -245,7 +245,10 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
     out = DecodeOutput(tokens=c["tokens"], logprobs=c["logprobs"], entropies=c["entropies"],
                        counts=counts, stopped=c["stopped"], reason=c["reason"], stop_id=c["stop_id"],
                        lengths=c["lengths"], steps=c["step"])
-    return new_state, packing.pack(_result_fields(out))
+    fields = _result_fields(out)
+    if packing.layout(fields) != _result_layout(width):  # trace time: the host unpacks with _result_layout
+        raise AssertionError(f"decode result layout {packing.layout(fields)} != {_result_layout(width)}")
+    return new_state, packing.pack(fields)
 
 
 def _result_fields(out: DecodeOutput) -> dict:
@@ -435,10 +438,10 @@ class Engine:
         self.buckets = tuple(buckets)
         self.cache_dtype = jnp.dtype(cache_dtype)
         graphdef, params = nnx.split(model)
-        leaves, self._treedef = jax.tree.flatten(params)
+        leaves, treedef = jax.tree.flatten(params)
         self._weights = tuple(leaves)
         self.dtype = jnp.dtype(model.dtype)
-        spec = _Spec(graphdef=graphdef, param_treedef=self._treedef, layout=layout, eos_ids=self.eos_ids,
+        spec = _Spec(graphdef=graphdef, param_treedef=treedef, layout=layout, eos_ids=self.eos_ids,
                      stop_table=tuple(tuple(map(tuple, a)) if a.ndim == 2 else tuple(a)
                                       for a in (self.stop_table.table, self.stop_table.valid,
                                                 self.stop_table.owner)),
@@ -495,7 +498,7 @@ class Engine:
         leaves for 28 layers) on every call cost ~0.7 ms of host time per call."""
         params = model_or_params if isinstance(model_or_params, nnx.State) else nnx.state(model_or_params)
         leaves, treedef = jax.tree.flatten(params)
-        if treedef != self._treedef or ([(a.shape, a.dtype) for a in leaves]
+        if treedef != self._spec.param_treedef or ([(a.shape, a.dtype) for a in leaves]
                                         != [(a.shape, a.dtype) for a in self._weights]):
             raise ValueError("set_weights: the new weights differ in structure, shape or dtype from the "
                              "engine's model")

@@ -358,16 +358,19 @@ class Trainer:
         rewards differ until there are enough (DAPO's over-sampling; flat groups fill any shortfall).
         run_rollout(records, round_index) -> RolloutResult. Returns records, groups, scores and the rollout
         metrics (seconds summed over the rounds, the other figures averaged, and the number of rounds)."""
-        cfg, q = self.cfg, self.cfg.questions_per_step
+        cfg, q, k = self.cfg, self.cfg.questions_per_step, self.cfg.group_size
         rounds = cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 1
         informative, flat, metrics = [], [], []
         for round_index in range(rounds):
             records = [self.train_records[i] for i in sampler.next_batch(q)]
             result = run_rollout(records, round_index)
             metrics.append(result.metrics)
-            for item in zip(records, result.groups, self._score(result.groups, records, reward_fn)):
-                shaped, _ = self._shape_rewards(np.array([s.score for s in item[2]], np.float32), item[1])
-                (informative if rounds == 1 or shaped.max() > shaped.min() else flat).append(item)
+            scored = self._score(result.groups, records, reward_fn)
+            shaped, _ = self._shape_rewards(np.array([s.score for g in scored for s in g], np.float32),
+                                            [t for g in result.groups for t in g])
+            keep = np.asarray(adv_lib.dynamic_sampling_mask(jnp.asarray(shaped), k))[::k] | (rounds == 1)
+            for item, kept in zip(zip(records, result.groups, scored), keep):
+                (informative if kept else flat).append(item)
             if len(informative) >= q:
                 break
         records, groups, scored = (list(x) for x in zip(*(informative + flat)[:q]))

@@ -212,8 +212,8 @@ def test_dynamic_sampling_rounds_collect_informative_groups():
         return SimpleNamespace(groups=groups, metrics={"rollout/seconds": 1.0, "rollout/x": float(round_index)})
 
     def collect(rounds, dynamic=True):
-        trainer.cfg = SimpleNamespace(questions_per_step=2, dynamic_sampling=dynamic, dynamic_sampling_rounds=rounds,
-                                      overlong_buffer=0, max_response_tokens=10)
+        trainer.cfg = SimpleNamespace(questions_per_step=2, group_size=2, dynamic_sampling=dynamic,
+                                      dynamic_sampling_rounds=rounds, overlong_buffer=0, max_response_tokens=10)
         calls.clear()
         sampler = EpochSampler(8, seed=0)
         order = sampler._order(0).tolist()
