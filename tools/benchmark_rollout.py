@@ -5,8 +5,9 @@
 A random model writes no tool tags, so the stop string `</search>` is registered with V / tool_every
 single-token alternatives: every sampled token ends a segment with probability ~1 / tool_every. The call
 that follows has no opening tag, so the loop's tool step answers at once with a malformed-call result (a
-zero-latency tool); its ` <result>..</result>` tokens are prefilled into the slot and decoding resumes,
-exactly as with a real tool. Plain decode: the same slots sample `response` tokens with no stops.
+zero-latency tool); its ` <result>..</result>` tokens are appended to the slot (by the next decode call,
+inside its loop; with --lane_rows 0 by a prefill call before it) and decoding resumes, exactly as with a real
+tool. Plain decode: the same slots sample `response` tokens with no stops.
 Throughput counts sampled tokens only. Writes JSON to $OUT when set.
 
 The response budget counts tool-result tokens too, so trajectories sample different numbers of tokens and
@@ -73,6 +74,9 @@ def main(argv=None):
     parser.add_argument("--waves", type=int, default=1, help="trajectories = waves x batch (slots stay batch)")
     parser.add_argument("--tag", default="", help="names the JSON file: rollout_bench_TAG.json")
     parser.add_argument("--attention", default=None, help="engine attention: cudnn or xla (default: engine's)")
+    parser.add_argument("--lane_rows", type=int, default=8,
+                        help="engine: slots whose appended tokens ride along per decode step (0: prefill them)")
+    parser.add_argument("--lane_width", type=int, default=64, help="engine: appended tokens per lane row and step")
     parser.add_argument("--timeline", action="store_true",
                         help="one more agentic run under the profiler: wall time and device-busy time inside each "
                              "kind of engine call and in the loop's host work between them")
@@ -88,7 +92,7 @@ def main(argv=None):
              "</python>": [[1, 2, 3]]}
     max_len = args.prompt + args.response + 64
     engine = Engine(model, num_slots=args.batch, max_len=max_len, stop_strings=stops, cache_dtype=dtype, seed=0,
-                    attention=args.attention)
+                    attention=args.attention, lane_rows=args.lane_rows, lane_width=args.lane_width)
     prompts = np.random.default_rng(0).integers(256, config.vocab_size,
                                                 (args.waves * args.batch, args.prompt)).tolist()
     sampling = SamplingParams(temperature=1.0)
@@ -140,14 +144,14 @@ def main(argv=None):
         rows["timeline"] = timeline(engine, lambda: agentic(0))
     ratio = rows["agentic_rollout"]["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
-                   attention=engine.attention, prompt=args.prompt, response=args.response,
+                   attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt, response=args.response,
                    tool_every=args.tool_every, wait_fraction=args.wait_fraction, ratio=ratio, **rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"rollout_bench{'_' * bool(args.tag)}{args.tag}.json"), "w") as f:
             json.dump(summary, f, indent=2)
     m = rows["agentic_rollout"]["metrics"]
     print(f"device {summary['device']}  preset {args.preset}  batch {args.batch}  waves {args.waves}  "
-          f"attention {engine.attention}  wait_fraction {args.wait_fraction}")
+          f"attention {engine.attention}  lane {args.lane_rows}x{args.lane_width}  wait_fraction {args.wait_fraction}")
     print(f"plain decode      {rows['plain_decode']['tokens_per_s']:10.0f} sampled tokens/s")
     print(f"agentic rollout   {rows['agentic_rollout']['tokens_per_s']:10.0f} sampled tokens/s  "
           f"({m.get('rollout/tool_calls_per_traj', 0):.1f} tool calls/trajectory, "
@@ -255,7 +259,10 @@ def timeline(engine, run):
                 elif not gpu and "hlo_op" in {k for k, _ in e.stats}:
                     kernels.append((e.start_ns, e.end_ns))
     span = next((s, t) for s, t, n in marks if n == "rollout.run")
-    calls = sorted((s, t, n.split(".", 1)[1]) for s, t, n in marks if n.startswith("engine."))
+    calls = []
+    for s, t, n in sorted((s, t, n.split(".", 1)[1]) for s, t, n in marks if n.startswith("engine.")):
+        if not calls or s >= calls[-1][1]:  # a call made inside another (decode prefilling a long append)
+            calls.append((s, t, n))         # counts as part of the outer one
     merged = _merge([k for k in kernels if k[1] > span[0] and k[0] < span[1]])
     starts = [m[0] for m in merged]
     parts = {n: dict(calls=0, wall_ms=0.0, busy_ms=0.0) for n in names + ("fetch", "host")}
@@ -267,7 +274,7 @@ def timeline(engine, run):
         parts[name]["calls"] += count
 
     cursor = span[0]
-    for s, t, n in calls:  # engine calls on the loop's thread do not nest
+    for s, t, n in calls:
         add("host", cursor, s, 0)
         add(n, s, t, 1)
         cursor = max(cursor, t)
@@ -287,13 +294,15 @@ def timeline(engine, run):
 def breakdown(engine, run, batch):
     """Runs `run` with the engine's decode and prefill synchronised and timed (measurement only)."""
     calls = []
+    prefill_s = [0.0]  # running total, so that a decode call's own prefill (a long append) counts once
 
     def timed(name, fn):
         def decode(*a, **k):
-            t0 = time.perf_counter()
+            t0, before = time.perf_counter(), prefill_s[0]
             res = fn(*a, **k)
             jax.block_until_ready(res.output)
-            calls.append(("decode", time.perf_counter() - t0, int(res.steps), int(res.counts.sum())))
+            seconds = time.perf_counter() - t0 - (prefill_s[0] - before)
+            calls.append(("decode", seconds, int(res.steps), int(res.counts.sum())))
             return res
 
         def prefill(slots, chunks, **k):
@@ -302,6 +311,7 @@ def breakdown(engine, run, batch):
             jax.block_until_ready(engine.state.lengths)
             n = 1 if isinstance(slots, (int, np.integer)) else len(slots)
             calls.append(("prefill", time.perf_counter() - t0, n, sum(len(c) for c in chunks)))
+            prefill_s[0] += calls[-1][1]
             return out
         return decode if name == "decode" else prefill
 

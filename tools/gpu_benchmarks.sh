@@ -2,6 +2,7 @@
 # The GPU figures of docs/benchmarks.md for the trainer and agent issues, one device call each:
 #   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention tests, agentic rollout ratio (cuDNN and XLA attention)
 #   bash tools/gpu_benchmarks.sh rollout_policy  # the same with wait_fraction 0.125, and with 4 waves
+#   bash tools/gpu_benchmarks.sh lane      # in-loop appends: rollout ratio per lane shape (LANES="8x64 0x64")
 #   bash tools/gpu_benchmarks.sh timeline  # device busy / idle per kind of engine call in a rollout
 #   bash tools/gpu_benchmarks.sh prefill_compile  # compile time vs speed of a prefill shape under three GEMM settings
 #   bash tools/gpu_benchmarks.sh rlstep    # the profiled 0.6B RL step alone
@@ -44,6 +45,13 @@ rollout_policy)  # the loop's wait policy and continuous refill (4 waves of 64 t
     --tool_every 64 --wait_fraction 0.125 --tag wait0125
   run 330 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
     --tool_every 64 --waves 4 --warmups 2 --repeats 2 --tag waves4
+  ;;
+lane)  # tool results appended inside the decode loop (lane rows x width per step) against prefill calls (0)
+  run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py -k "cudnn or bf16"
+  for lane in ${LANES:-8x64 0x64}; do
+    run 280 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+      --tool_every 64 --warmups 2 --repeats 2 --breakdown --lane_rows ${lane%x*} --lane_width ${lane#*x} --tag lane$lane
+  done
   ;;
 timeline)  # where a rollout's wall time goes: device busy / idle inside each kind of engine call and host work
   run 330 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \

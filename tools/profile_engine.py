@@ -128,7 +128,7 @@ def main(argv=None):
 
 def decode_calls(engine, slots, start, repeats):
     """Median wall time of a decode call (all slots running, no stop) per step count, and the linear fit."""
-    static = engine._decode_static(64)
+    static, no_appends = engine._decode_static(64), engine._pack_appends({})
     steps_list = (1, 2, 4, 8, 16, 32, 64)
     wall = {}
     for steps in steps_list:
@@ -139,7 +139,7 @@ def decode_calls(engine, slots, start, repeats):
             jax.block_until_ready(engine.state.lengths)
             t0 = time.perf_counter()
             engine.state, out = engine._decode(engine._weights, engine.state, np.int32(steps), np.int32(1),
-                                               np.float32(1.0), **static)
+                                               np.float32(1.0), no_appends, **static)
             jax.block_until_ready(out)
             if i:
                 times.append(time.perf_counter() - t0)

@@ -2,10 +2,11 @@
 
 Loop (AEPO_SPEC.md section 1): prefill the prompts, decode until slots stop (a tool tag, EOS, or the length
 budget), run the stopped slots' tool calls concurrently in a thread pool, append
-` <result>\\n{text}\\n</result>` into the same slots (one batched prefill of only those tokens: the KV
-cache is kept), continue. Two orders, both deterministic (the token streams and every decision depend on
-device results and program order, never on timing):
-  tool_overlap=False  wait for the tools, prefill their results, then dispatch the next decode call: a slot
+` <result>\\n{text}\\n</result>` into the same slots (the KV cache is kept: the next decode call absorbs
+only those tokens, inside its loop while the other slots decode, see `Engine.decode`), continue. Two
+orders, both deterministic (the token streams and every decision depend on device results and program
+order, never on timing):
+  tool_overlap=False  wait for the tools, then dispatch the next decode call with their results: a slot
                       that called a tool idles only until the current call returns (fast tools: local
                       search, the Python sandbox).
   tool_overlap=True   dispatch the next decode call first, then wait for the tools while the device decodes
@@ -27,8 +28,8 @@ Schedulers (section 3):
         consecutive-branch penalty: p = clip((u + gamma dH) max(0, 1 - lambda l)), branch iff p >= tau.
 A branch is a fork of the parent's slot (a copy of its KV cache) rewound to the end of the tool result,
 so it re-samples the segment after the tool call with its own RNG; the prefix is never re-prefilled (the
-last prefix token is re-run once to recompute the next-token state, in the same prefill call as the round's
-tool results: one call per round appends everything). Every question ends with exactly k
+last prefix token is re-run once to recompute the next-token state: the next decode call appends it with the
+round's tool results). Every question ends with exactly k
 trajectories: when all of its paths end before k exist, fresh ones start from the question.
 """
 
@@ -147,7 +148,7 @@ class _Run:
         self.pending: list[Trajectory] = []        # waiting for a free slot
         self.slot_of: dict[int, Trajectory] = {}   # occupied slot -> trajectory
         self.ended: list[int] = []                 # slots of finished trajectories, released in one call
-        self.appends: list[tuple[int, list[int]]] = []  # (slot, token ids) to append, in one prefill call
+        self.appends: dict[int, list[int]] = {}   # slot -> token ids the next decode call appends
         self.status: dict[int, str] = {}           # slot -> 'running' | 'tool'
         self.awaiting: dict[int, int] = {}         # slot -> response index of the segment to judge
         self.question_consecutive = [0] * len(prompts)
@@ -169,7 +170,6 @@ class _Run:
         return traj
 
     def _start_pending(self) -> None:
-        self._flush_appends()
         free = self._free_slots()
         starts = self.pending[:len(free)]
         self.pending = self.pending[len(free):]
@@ -193,14 +193,6 @@ class _Run:
         traj.finish_reason = reason
         self._record_signals(traj, final=True)
         self.ended.append(slot)
-
-    def _flush_appends(self) -> None:
-        """Appends the queued chunks (a round's tool results, the last prefix token of each new branch) in one
-        engine prefill: every call costs a dispatch and reads all the weights."""
-        if self.appends:
-            slots, chunks = zip(*self.appends)
-            self.appends = []
-            self.engine.prefill(list(slots), list(chunks))
 
     def _free_slots(self) -> list[int]:
         """Releases the slots of trajectories that ended since the last call (one engine call instead of
@@ -270,8 +262,8 @@ class _Run:
         prefix_len = len(parent.prompt) + start
         self.engine.fork(slot, child_slot)
         self.engine.rewind(child_slot, prefix_len - 1, seed=self._seed_of(child))
-        # re-running the last prefix token recomputes the next-token state; it joins the round's prefill
-        self.appends.append((child_slot, [(parent.prompt + parent.response)[prefix_len - 1]]))
+        # re-running the last prefix token recomputes the next-token state; the next decode call appends it
+        self.appends[child_slot] = [(parent.prompt + parent.response)[prefix_len - 1]]
         self.slot_of[child_slot], self.status[child_slot] = child, "running"
         self.stats["branches"] += 1
         self.stats["branch_tool_index"].append(len(child.tool_calls))
@@ -317,8 +309,7 @@ class _Run:
         return calls
 
     def _append_results(self, submitted, next_decode=None) -> None:
-        """Waits for the tool calls and appends their results, with any queued branch tokens, in one prefill.
-        The time the device sat idle meanwhile counts as tool wait: all of it without a decode call in
+        """Waits for the tool calls and queues their results for the next decode call to append. The time the device sat idle meanwhile counts as tool wait: all of it without a decode call in
         flight, else what is left after that call finished."""
         for slot, call, future in submitted:
             outcome = self._wait(future, next_decode)
@@ -338,8 +329,7 @@ class _Run:
             self.status[slot] = "running"
             if self.branching and not traj.is_probe:
                 self.awaiting[slot] = len(traj.response)
-            self.appends.append((slot, ids))
-        self._flush_appends()
+            self.appends[slot] = ids
 
     def _wait(self, future, next_decode):
         while next_decode is not None and not next_decode.output.is_ready():
@@ -364,7 +354,9 @@ class _Run:
         if not any(st == "running" for st in self.status.values()):
             return None
         self.stats["decode_calls"] += 1
-        return self.engine.decode(self.config.decode_chunk, wait_fraction=self.config.wait_fraction)
+        appends, self.appends = self.appends, {}
+        return self.engine.decode(self.config.decode_chunk, wait_fraction=self.config.wait_fraction,
+                                  appends=appends)
 
     def _submit(self, calls):
         return [(slot, call, self.executor.submit(run_tool_call, call, self.tools)) for slot, call in calls]

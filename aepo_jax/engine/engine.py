@@ -15,6 +15,9 @@ and donate the state, so the cache is updated in place and new weights never rec
                           slot", wait_fraction=1 = "all"), when no slot runs, or after max_steps. The new
                           tokens, their log-probs and entropies (see `sampling`), and why / where each slot
                           stopped come back in one `DecodeResult` of device arrays: no per-token host trip.
+                          decode(max_steps, appends={slot: tokens}) first appends tool results inside the
+                          loop: a few slots' next tokens ride along in each step's weight reads (the "lane")
+                          while the other slots decode, instead of a prefill call that idles every slot.
   fork(src, dst)          copy slots (cache rows, length, history, stop state, settings) into free slots; the
                           child's key is derived from the parent's (fold_in) unless same_key=True.
   release(slots)          free slots.
@@ -35,7 +38,9 @@ slot's whole max_len), writes one KV row per running slot in place (the compiled
 buffer: `hlo.cache_copies`), and computes logits only for the [S] last tokens. A prefill's arguments go to the
 device, and a decode's results come back, as one packed int32 array each (`packing`: one transfer). Prefill
 compiles once per (rows, chunk, key-window) bucket, decode once per (output width, sampling mode); fork and
-release once per row bucket.
+release once per row bucket. Appends through the decode lane (lane_rows x lane_width tokens per step, static)
+compile nothing new. On an H100 the lane costs about what the prefill call it replaces does (docs/benchmarks.md,
+session 6): its rows gather their key windows and at 64 + 512 rows the GEMMs no longer cost only their weights.
 """
 
 from __future__ import annotations
@@ -115,6 +120,8 @@ class _Spec:
     seed: int
     attention: str
     unroll: int
+    lane_rows: int         # appended-token rows absorbed per decode step (0: appends are prefilled first)
+    lane_width: int        # tokens per lane row
 
 
 # --------------------------------------------------------------------------------- compiled functions
@@ -170,22 +177,30 @@ def _prefill_impl(spec: _Spec, weights, state: EngineState, packed, *, layout, w
         **updates)
 
 
-def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waiting, wait_fraction, *,
+def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waiting, wait_fraction, appends, *,
                  width: int, greedy_only: bool, candidates: int):
+    """appends [S, 1 + capacity] int32: per slot the number of tokens to append, then the tokens. A slot with
+    tokens to append first absorbs them (see `_lane`), then samples like the others."""
     model = _model(spec, weights)
     num_slots = state.lengths.shape[0]
     table, valid, owner = (np.asarray(a) for a in spec.stop_table)
     eos_ids = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
+    pending, pending_len = appends[:, 1:], appends[:, 0]
+    appending = pending_len > 0
 
-    # A slot already at its budget stops before sampling anything.
-    at_limit = state.running & (state.lengths >= state.limit)
-    n_start = jnp.sum(state.running.astype(jnp.int32))
+    # A slot already at its budget stops before sampling anything (one that appends is checked once its
+    # tokens are in).
+    at_limit = state.running & ~appending & (state.lengths >= state.limit)
+    running = state.running | appending
+    n_start = jnp.sum(running.astype(jnp.int32))
     need = jnp.maximum(min_waiting, jnp.ceil(wait_fraction * n_start).astype(jnp.int32))
     need = jnp.clip(need, 1, jnp.maximum(n_start, 1))
     init = dict(
         step=jnp.int32(0), keys=state.keys, values=state.values, lengths=state.lengths,
-        hidden=state.hidden, history=state.history, running=state.running & ~at_limit,
-        reason=jnp.where(at_limit, LENGTH, state.reason), stop_id=state.stop_id, stopped=at_limit,
+        hidden=state.hidden, history=jnp.where(appending[:, None], -1, state.history),
+        running=running & ~at_limit, reason=jnp.where(at_limit, LENGTH, jnp.where(appending, RUNNING, state.reason)),
+        stop_id=jnp.where(appending, -1, state.stop_id), stopped=at_limit,
+        absorbed=jnp.zeros((num_slots,), jnp.int32), counts=jnp.zeros((num_slots,), jnp.int32),
         tokens=jnp.full((num_slots, width), -1, jnp.int32),
         logprobs=jnp.zeros((num_slots, width), jnp.float32),
         entropies=jnp.zeros((num_slots, width), jnp.float32),
@@ -195,19 +210,21 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
         return ((c["step"] < max_steps) & jnp.any(c["running"])
                 & (jnp.sum(c["stopped"].astype(jnp.int32)) < need))
 
-    def step(c, active):
-        """One token for every running slot; a no-op (nothing written) where `active` is False."""
-        run = c["running"] & active
+    def step(c, active, lane: bool):
+        """One token for every running slot (a no-op where `active` is False); with `lane`, also the next
+        piece of the appended tokens of up to spec.lane_rows slots."""
+        absorbing = c["absorbed"] < pending_len
+        run = c["running"] & ~absorbing & active
         logits = forward.logits(model, c["hidden"])
         step_keys = jax.vmap(jax.random.fold_in)(_wrap(state.rng, spec.key_impl), c["lengths"])
         tok, logp, ent = sampling.sample(logits, state.temperature, state.top_k, state.top_p, step_keys,
                                          greedy_only=greedy_only, candidates=candidates)
         tok = jnp.where(run, tok, 0)
-        column = jnp.minimum(c["step"], width - 1)
+        # each running slot's next column (a slot that absorbed appended tokens starts sampling late)
+        column = jnp.where(run, c["counts"], width)
 
         def col(buf, v):
-            old = lax.dynamic_slice(buf, (0, column), (num_slots, 1))[:, 0]
-            return lax.dynamic_update_slice(buf, jnp.where(run, v.astype(buf.dtype), old)[:, None], (0, column))
+            return buf.at[jnp.arange(num_slots), column].set(v.astype(buf.dtype), mode="drop")
 
         history = stops_lib.push_history(c["history"], tok, run)
         eos = run & state.eos_stop & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
@@ -216,15 +233,25 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
         new_len = c["lengths"] + run.astype(jnp.int32)
         full = run & (new_len >= state.limit)
         why = jnp.where(eos, EOS, jnp.where(hit, STOP, jnp.where(full, LENGTH, RUNNING)))
+        chunk = _lane(spec, pending, pending_len, c["absorbed"], c["lengths"]) if lane else None
+        hidden, lane_hidden, keys, values = forward.decode_step(
+            model, c["keys"], c["values"], tok, c["lengths"], run, spec.layout, spec.attention, lane=chunk)
+        hidden = jnp.where(run[:, None], hidden.astype(c["hidden"].dtype), c["hidden"])
+        absorbed = c["absorbed"]
+        if lane:  # the lane's slots are not running: their rows above were no-ops
+            new_len = new_len.at[chunk.rows].add(chunk.num_new, mode="drop")
+            absorbed = absorbed.at[chunk.rows].add(chunk.num_new, mode="drop")
+            hidden = hidden.at[chunk.rows].set(lane_hidden.astype(hidden.dtype), mode="drop")
+            # a slot whose appended tokens are all in starts sampling at the next step, unless at its budget
+            done_now = absorbing & (absorbed >= pending_len)
+            over = done_now & (new_len >= state.limit)
+            why = jnp.where(over, LENGTH, why)
         done = why != RUNNING
-        hidden, keys, values = forward.decode_step(model, c["keys"], c["values"], tok, c["lengths"], run,
-                                                   spec.layout, spec.attention)
         return dict(
             step=c["step"] + active.astype(jnp.int32), keys=keys, values=values, lengths=new_len,
-            hidden=jnp.where(run[:, None], hidden.astype(c["hidden"].dtype), c["hidden"]),
-            history=history, running=c["running"] & ~done,
+            hidden=hidden, history=history, running=c["running"] & ~done,
             reason=jnp.where(done, why, c["reason"]), stop_id=jnp.where(hit, which, c["stop_id"]),
-            stopped=c["stopped"] | done,
+            stopped=c["stopped"] | done, absorbed=absorbed, counts=c["counts"] + run.astype(jnp.int32),
             tokens=col(c["tokens"], tok), logprobs=col(c["logprobs"], logp),
             entropies=col(c["entropies"], ent),
         )
@@ -232,23 +259,41 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
     def body(c):
         # `unroll` steps per loop iteration: the exit test (a device-to-host sync on GPU) runs once per
         # iteration; the later steps of an iteration are masked no-ops once the loop should have ended.
-        c = step(c, jnp.bool_(True))
+        c = step(c, jnp.bool_(True), lane=False)
         for _ in range(spec.unroll - 1):
-            c = step(c, cond(c))
+            c = step(c, cond(c), lane=False)
         return c
 
-    c = lax.while_loop(cond, body, init)
+    c = init
+    if spec.lane_rows:
+        # First the steps that absorb appended tokens, sampling alongside while the call should go on,
+        # until every append is in (so none is left for the next call); then plain decode steps.
+        c = lax.while_loop(lambda c: jnp.any(c["absorbed"] < pending_len),
+                           lambda c: step(c, cond(c), lane=True), c)
+    c = lax.while_loop(cond, body, c)
     new_state = dataclasses.replace(
         state, keys=c["keys"], values=c["values"], lengths=c["lengths"], hidden=c["hidden"],
         history=c["history"], running=c["running"], reason=c["reason"], stop_id=c["stop_id"])
-    counts = c["lengths"] - state.lengths
     out = DecodeOutput(tokens=c["tokens"], logprobs=c["logprobs"], entropies=c["entropies"],
-                       counts=counts, stopped=c["stopped"], reason=c["reason"], stop_id=c["stop_id"],
+                       counts=c["counts"], stopped=c["stopped"], reason=c["reason"], stop_id=c["stop_id"],
                        lengths=c["lengths"], steps=c["step"])
     fields = _result_fields(out)
     if packing.layout(fields) != _result_layout(width):  # trace time: the host unpacks with _result_layout
         raise AssertionError(f"decode result layout {packing.layout(fields)} != {_result_layout(width)}")
     return new_state, packing.pack(fields)
+
+
+def _lane(spec: _Spec, pending, pending_len, absorbed, lengths) -> forward.Chunk:
+    """The next lane_width appended tokens of up to lane_rows slots that still have some (lowest slot ids
+    first), at each slot's current length; unused rows point past the pool (not written)."""
+    num_slots, capacity = pending.shape
+    left = pending_len - absorbed
+    rows = jnp.nonzero(left > 0, size=spec.lane_rows, fill_value=num_slots)[0].astype(jnp.int32)
+    clipped = jnp.minimum(rows, num_slots - 1)
+    offsets = jnp.take(absorbed, clipped)[:, None] + jnp.arange(spec.lane_width, dtype=jnp.int32)
+    tokens = jnp.take_along_axis(jnp.take(pending, clipped, axis=0), jnp.minimum(offsets, capacity - 1), axis=1)
+    num_new = jnp.where(rows < num_slots, jnp.minimum(jnp.take(left, clipped), spec.lane_width), 0)
+    return forward.Chunk(tokens, rows, jnp.take(lengths, clipped), num_new)
 
 
 def _result_fields(out: DecodeOutput) -> dict:
@@ -390,12 +435,17 @@ class Engine:
         "bhsd" (head-major: the XLA attention's batch-matmul layout).
       seed: base of the per-request PRNG keys; key_impl: a `jax.random` implementation name (None = default).
       unroll: decode steps per while-loop iteration (the exit test runs once per iteration).
+      lane_rows, lane_width, lane_capacity: the in-loop append lane of `decode(appends=...)`: each decode
+        step absorbs up to lane_width appended tokens of each of up to lane_rows slots; a slot's appends of
+        up to lane_capacity tokens go through the lane, longer ones are prefilled before the loop.
+        lane_rows=0: every append is prefilled (a separate call before the loop).
     """
 
     def __init__(self, model, *, num_slots: int, max_len: int, cache_dtype=jnp.bfloat16,
                  eos_ids: Sequence[int] = (), stop_strings: Mapping[str, Any] | Sequence[str] | None = None,
                  tokenizer=None, prefill_buckets: Sequence[int] | None = None, layout: str | None = None,
-                 seed: int = 0, key_impl: str | None = None, attention: str | None = None, unroll: int = 1):
+                 seed: int = 0, key_impl: str | None = None, attention: str | None = None, unroll: int = 1,
+                 lane_rows: int = 8, lane_width: int = 64, lane_capacity: int = 256):
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"Engine needs num_slots >= 1 and max_len >= 2, got {num_slots}, {max_len}")
         config = model.config
@@ -418,6 +468,10 @@ class Engine:
                              f"model {jnp.dtype(model.dtype).name}, cache {jnp.dtype(cache_dtype).name}")
         if unroll < 1:
             raise ValueError(f"unroll must be >= 1, got {unroll}")
+        if lane_rows < 0 or lane_width < 1 or lane_capacity < 1:
+            raise ValueError(f"lane_rows must be >= 0 and lane_width, lane_capacity >= 1, got {lane_rows}, "
+                             f"{lane_width}, {lane_capacity}")
+        self.lane_capacity = min(lane_capacity, max_len) if lane_rows else 0
         forward.cache_shape(config, 1, 1, layout)  # validates layout
         self.attention = attention
         self.config = config
@@ -445,7 +499,8 @@ class Engine:
                      stop_table=tuple(tuple(map(tuple, a)) if a.ndim == 2 else tuple(a)
                                       for a in (self.stop_table.table, self.stop_table.valid,
                                                 self.stop_table.owner)),
-                     key_impl=key_impl, seed=int(seed), attention=attention, unroll=int(unroll))
+                     key_impl=key_impl, seed=int(seed), attention=attention, unroll=int(unroll),
+                     lane_rows=int(lane_rows), lane_width=int(min(lane_width, max_len)))
         self._spec = spec
         # XLA:GPU merges matmuls that share an input (the MLP's gate and up projections) by concatenating
         # their weights. In the decode loop the concatenation fuses into the GEMM; a prefill's cuBLAS GEMMs
@@ -558,6 +613,29 @@ class Engine:
             return list(value)
         return [value] * n
 
+    def _token_chunks(self, slots, chunks, what: str) -> list[np.ndarray]:
+        chunks = [np.asarray(c, np.int64).reshape(-1) for c in chunks]
+        vocab = self.config.vocab_size
+        for s, c in zip(slots, chunks):
+            if c.size == 0:
+                raise ValueError(f"{what}: the chunk for slot {s} is empty")
+            if c.min() < 0 or c.max() >= vocab:
+                raise ValueError(f"{what}: the chunk for slot {s} has token ids outside [0, {vocab})")
+        return chunks
+
+    def _current_lengths(self, needed: list[int], slots: list[int]) -> np.ndarray:
+        """The lengths of `slots`, synchronising with the device if one of `needed` is not known."""
+        if needed and not self._lengths_known[needed].all():
+            self.lengths()
+        return self._lengths[slots]
+
+    def _check_fit(self, slots, sizes, starts, fresh, what: str) -> None:
+        for s, size, start, new in zip(slots, sizes, starts, fresh):
+            if start + size > self.max_len:
+                part = "prompt" if new else f"chunk appended at length {start}"
+                raise ValueError(f"{what}: the {part} of {size} tokens for slot {s} does not fit the engine's "
+                                 f"max_len={self.max_len}")
+
     # -- the four operations --
 
     def prefill(self, slots: Sequence[int] | int, chunks: Sequence[Sequence[int]], *,
@@ -579,13 +657,7 @@ class Engine:
             raise ValueError(f"prefill: {len(chunks)} chunks for {len(slots)} slots")
         if not slots:
             return
-        chunks = [np.asarray(c, np.int64).reshape(-1) for c in chunks]
-        vocab = self.config.vocab_size
-        for s, c in zip(slots, chunks):
-            if c.size == 0:
-                raise ValueError(f"prefill: the chunk for slot {s} is empty")
-            if c.min() < 0 or c.max() >= vocab:
-                raise ValueError(f"prefill: the chunk for slot {s} has token ids outside [0, {vocab})")
+        chunks = self._token_chunks(slots, chunks, "prefill")
         n = len(slots)
         fresh = ~self._occupied[slots]
         params_list = self._per_row(sampling, n, "prefill sampling")
@@ -595,19 +667,13 @@ class Engine:
         limits = self._per_row(max_length, n, "prefill max_length")
         seeds = self._per_row(seed, n, "prefill seed")
         stop_mask = self.stop_table.mask(stops)  # raises on an unknown stop string
-        appended = [s for s, f in zip(slots, fresh) if not f]
-        if appended and not self._lengths_known[appended].all():
-            self.lengths()  # sync: the current lengths of appended-to slots are needed for the checks
         sizes = np.array([c.size for c in chunks])
-        starts = np.where(fresh, 0, self._lengths[slots])
+        starts = np.where(fresh, 0, self._current_lengths([s for s, f in zip(slots, fresh) if not f], slots))
+        self._check_fit(slots, sizes, starts, fresh, "prefill")
         for i, s in enumerate(slots):
             lim = limits[i]
             if lim is not None and not 1 <= int(lim) <= self.max_len:
                 raise ValueError(f"prefill: max_length {lim} for slot {s} must be in [1, max_len={self.max_len}]")
-            if starts[i] + sizes[i] > self.max_len:
-                what = "prompt" if fresh[i] else f"chunk appended at length {starts[i]}"
-                raise ValueError(f"prefill: the {what} of {sizes[i]} tokens for slot {s} does not fit the "
-                                 f"engine's max_len={self.max_len}")
             if fresh[i] and lim is not None and sizes[i] > int(lim):
                 raise ValueError(f"prefill: the prompt of {sizes[i]} tokens for slot {s} is longer than its "
                                  f"max_length={lim}")
@@ -649,23 +715,52 @@ class Engine:
         self._lengths_known[slots] = True
         self._version += 1
 
-    def decode(self, max_steps: int, *, min_waiting: int = 1, wait_fraction: float = 0.0) -> DecodeResult:
+    def decode(self, max_steps: int, *, min_waiting: int = 1, wait_fraction: float = 0.0,
+               appends: Mapping[int, Sequence[int]] | None = None) -> DecodeResult:
         """Samples for every running slot until `need` of them stop, none runs, or max_steps.
 
         need = clip(max(min_waiting, ceil(wait_fraction * running)), 1, running): min_waiting=1 returns at
         the first stop; wait_fraction=1.0 when every slot has stopped. Stopped slots idle (masked) until the
-        host appends to them (prefill) or releases them. The result's arrays are fetched on first use.
+        host appends to them or releases them. The result's arrays are fetched on first use.
+
+        appends {slot: token ids}: chunks appended to occupied slots (tool results) as by `prefill` before
+        the call, with the same result, but absorbed inside the loop while the other slots decode: up to
+        lane_rows slots' next lane_width tokens ride along in each step (see `forward.decode_step`). Each
+        such slot then runs (it counts as running for `need`). Every append is in when the call returns.
         """
         if max_steps < 1:
             raise ValueError(f"decode: max_steps must be >= 1, got {max_steps}")
         if not 0.0 <= wait_fraction <= 1.0:
             raise ValueError(f"decode: wait_fraction must be in [0, 1], got {wait_fraction}")
+        packed = self._pack_appends(dict(appends or {}))
         static = self._decode_static(max_steps)
         self.state, out = self._decode(self._weights, self.state, np.int32(max_steps), np.int32(min_waiting),
-                                       np.float32(wait_fraction), **static)
+                                       np.float32(wait_fraction), packed, **static)
         self._version += 1
         self._lengths_known[self._occupied] = False
         return DecodeResult(self, out, static["width"], self._version)
+
+    def _pack_appends(self, appends: dict) -> np.ndarray:
+        """Checks decode's appends (bad input raises before anything runs) and packs those that fit the
+        lane into [S, 1 + lane_capacity] int32 (count, tokens); longer ones are prefilled now."""
+        packed = np.zeros((self.num_slots, 1 + self.lane_capacity), np.int32)
+        if not appends:
+            return packed
+        slots = self._check_slots(list(appends), "decode appends")
+        free = [s for s in slots if not self._occupied[s]]
+        if free:
+            raise ValueError(f"decode appends: slots {free} hold no sequence (start one with prefill)")
+        chunks = self._token_chunks(slots, [appends[s] for s in slots], "decode appends")
+        sizes = [c.size for c in chunks]
+        self._check_fit(slots, sizes, self._current_lengths(slots, slots), [False] * len(slots), "decode appends")
+        long = [i for i, c in enumerate(chunks) if c.size > self.lane_capacity]
+        if long:
+            self.prefill([slots[i] for i in long], [chunks[i] for i in long])
+        for s, c in zip(slots, chunks):
+            if c.size <= self.lane_capacity:
+                packed[s, 0] = c.size
+                packed[s, 1:1 + c.size] = c
+        return packed
 
     def _decode_static(self, max_steps: int) -> dict:
         greedy_only, candidates = sampling.sampling_mode(
@@ -676,7 +771,7 @@ class Engine:
     def decode_hlo(self, max_steps: int = 16) -> str:
         """Optimised HLO text of the decode executable `decode(max_steps)` would run now (no state change)."""
         lowered = self._decode.lower(self._weights, self.state, np.int32(max_steps), np.int32(1),
-                                     np.float32(0.0), **self._decode_static(max_steps))
+                                     np.float32(0.0), self._pack_appends({}), **self._decode_static(max_steps))
         return lowered.compile().as_text()
 
     def cache_buffer_shape(self) -> tuple[int, ...]:

@@ -22,6 +22,8 @@ einsum attention applies it to float32 scores; "cudnn" passes it as an additive 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -89,43 +91,34 @@ def _check_impl(impl: str, layout: str) -> None:
         raise ValueError("cuDNN attention needs the 'bshd' cache layout")
 
 
+class Chunk(NamedTuple):
+    """Token chunks appended to slots: tokens [R, T], row r holding num_new[r] real tokens (then padding)
+    for slot rows[r] at positions starts[r] + t. A row whose slot index is out of range is padding."""
+
+    tokens: Array
+    rows: Array
+    starts: Array
+    num_new: Array
+
+
 def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array, layout: str,
-                impl: str = "xla"):
+                impl: str = "xla", lane: Chunk | None = None):
     """One token for every slot of the pool: embeds tokens [S] at positions `lengths` [S].
 
-    Rows with write=False are computed but neither written to the cache nor meant to be used. Returns the
-    final normed hidden states [S, H] and the new per-layer key / value buffers. impl "xla" attends to the
-    whole cache with a position mask; "cudnn" ("bshd" only) calls cuDNN's fused attention through
-    `jax.nn.dot_product_attention` with per-slot key lengths, which reads only each slot's valid prefix
-    (one key for a write=False row: the slots that wait for a tool or are free read no cache).
+    Rows with write=False are computed but neither written to the cache nor meant to be used. impl "xla"
+    attends to the whole cache with a position mask; "cudnn" ("bshd" only) calls cuDNN's fused attention
+    through `jax.nn.dot_product_attention` with per-slot key lengths, which reads only each slot's valid
+    prefix (one key for a write=False row: the slots that wait for a tool or are free read no cache).
+
+    `lane` appends chunks to other slots (ones with write=False) in the same pass: their tokens join the
+    decode tokens in every projection and MLP product, which at decode batch sizes read the weights once
+    for all of them (a small-M GEMM costs its weight bytes, not its rows), and attend as a prefill does
+    (see `prefill_chunk`, key window max_len). Returns the final normed hidden states [S, H], that of each
+    lane row's last real token [R, H] (None without a lane), and the new key / value buffers.
     """
-    num_slots = tokens.shape[0]
-    max_len = keys[0].shape[_seq_axis(layout)]
-    rows = jnp.arange(num_slots, dtype=jnp.int32)
-    positions = lengths[:, None]
-    write_pos = jnp.where(write, lengths, max_len)[:, None]
-    mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
-    # cuDNN reads each slot's first kv_lengths keys: a slot that writes nothing this step (stopped, free)
-    # reads one, so idle slots cost no KV bandwidth (their outputs are discarded by the caller).
-    kv_lengths = jnp.where(write, jnp.minimum(lengths + 1, max_len), 1).astype(jnp.int32)
-    scale = model.config.head_dim ** -0.5
     _check_impl(impl, layout)
-    x = model.embed_tokens(tokens[:, None])
-    new_keys, new_values = [], []
-    for layer, layer_k, layer_v in zip(model.layers, keys, values):
-        def attend(q, k, v, layer_k=layer_k, layer_v=layer_v):
-            layer_k = write_kv(layer_k, rows, write_pos, k, layout)
-            layer_v = write_kv(layer_v, rows, write_pos, v, layout)
-            if impl == "cudnn":
-                out = jax.nn.dot_product_attention(q, layer_k.astype(q.dtype), layer_v.astype(q.dtype),
-                                                   scale=scale, key_value_seq_lengths=kv_lengths,
-                                                   implementation="cudnn")
-                return out, (layer_k, layer_v)
-            return attention(q, layer_k, layer_v, mask, layout, scale), (layer_k, layer_v)
-        x, (layer_k, layer_v) = layer(x, positions, attend)
-        new_keys.append(layer_k)
-        new_values.append(layer_v)
-    return model.norm(x)[:, 0], tuple(new_keys), tuple(new_values)
+    return _run_layers(model, keys, values, (tokens, lengths, write), lane, layout,
+                       keys[0].shape[_seq_axis(layout)], impl)
 
 
 def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array, num_new: Array,
@@ -139,34 +132,87 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
     hidden state [R, H] of each row's last real token and the new key / value buffers.
     """
     _check_impl(impl, layout)
-    r, t = tokens.shape
-    max_len = keys[0].shape[_seq_axis(layout)]
-    offsets = jnp.arange(t, dtype=jnp.int32)
-    positions = starts[:, None] + offsets
-    write_pos = jnp.where(offsets[None, :] < num_new[:, None], positions, max_len)
-    mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+    _, hidden, keys, values = _run_layers(model, keys, values, None, Chunk(tokens, rows, starts, num_new),
+                                          layout, window, impl)
+    return hidden, keys, values
+
+
+def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, window: int, impl: str):
+    """The layers over one flat batch of single-token rows: one per slot (slots = (tokens [S], lengths [S],
+    write [S]), see `decode_step`), then every token of `chunk` (attending to the first `window` positions
+    of its slot). Each layer writes all the new keys / values, then attends: every read of a cache buffer
+    comes after every write to it, so XLA updates it in place. Returns the final normed hidden states of the
+    slot rows [S, H] and of each chunk row's last real token [R, H] (None where a part is absent)."""
     scale = model.config.head_dim ** -0.5
+    max_len = keys[0].shape[_seq_axis(layout)]
+    tokens, positions = [], []
+    num_slots = 0 if slots is None else slots[0].shape[0]
+    if slots is not None:
+        slot_tokens, lengths, write = slots
+        slot_rows = jnp.arange(num_slots, dtype=jnp.int32)
+        tokens.append(slot_tokens[:, None])
+        positions.append(lengths[:, None])
+        slot_write = jnp.where(write, lengths, max_len)[:, None]
+        slot_mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= lengths[:, None, None]
+        # cuDNN reads each slot's first kv_lengths keys: a slot that writes nothing this step (stopped, free)
+        # reads one, so idle slots cost no KV bandwidth (their outputs are discarded by the caller).
+        kv_lengths = jnp.where(write, jnp.minimum(lengths + 1, max_len), 1).astype(jnp.int32)
+    if chunk is not None:
+        r, t = chunk.tokens.shape
+        offsets = jnp.arange(t, dtype=jnp.int32)
+        chunk_pos = chunk.starts[:, None] + offsets
+        chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
+        tokens.append(chunk.tokens.reshape(r * t, 1))
+        positions.append(chunk_pos.reshape(r * t, 1))
+        chunk_write = jnp.where(offsets[None, :] < chunk.num_new[:, None], chunk_pos, max_len)
 
-    def rows_window(buf):
-        taken = jnp.take(buf, rows, axis=0, mode="clip")
-        return taken[:, :window] if layout == "bshd" else taken[:, :, :window]
+    def split(a):
+        """[S + R*T, 1, ...] -> the slot rows [S, 1, ...] and the chunk rows [R, T, ...]."""
+        return a[:num_slots], (a[num_slots:].reshape((r, t) + a.shape[2:]) if chunk is not None else None)
 
-    x = model.embed_tokens(tokens)
+    def attend(q, k, v, layer_k, layer_v):
+        (q_s, q_c), (k_s, k_c), (v_s, v_c) = split(q), split(k), split(v)
+        parts = (([(slot_rows, slot_write, k_s, v_s)] if num_slots else [])
+                 + ([(chunk.rows, chunk_write, k_c, v_c)] if chunk is not None else []))
+        for rows, pos, new_k, new_v in parts:
+            layer_k = write_kv(layer_k, rows, pos, new_k, layout)
+            layer_v = write_kv(layer_v, rows, pos, new_v, layout)
+        outs = []
+        if num_slots:
+            if impl == "cudnn":
+                outs.append(jax.nn.dot_product_attention(
+                    q_s, layer_k.astype(q.dtype), layer_v.astype(q.dtype), scale=scale,
+                    key_value_seq_lengths=kv_lengths, implementation="cudnn"))
+            else:
+                outs.append(attention(q_s, layer_k, layer_v, slot_mask, layout, scale))
+        if chunk is not None:
+            k_win, v_win = _rows_window(layer_k, chunk.rows, window, layout), _rows_window(layer_v, chunk.rows,
+                                                                                        window, layout)
+            if impl == "cudnn":
+                out = jax.nn.dot_product_attention(q_c, k_win.astype(q.dtype), v_win.astype(q.dtype),
+                                                   mask=chunk_mask[:, None], scale=scale, implementation="cudnn")
+            else:
+                out = attention(q_c, k_win, v_win, chunk_mask, layout, scale)
+            outs.append(out.reshape((r * t, 1) + out.shape[2:]))
+        return jnp.concatenate(outs) if len(outs) > 1 else outs[0], (layer_k, layer_v)
+
+    x = model.embed_tokens(jnp.concatenate(tokens))
+    positions = jnp.concatenate(positions)
     new_keys, new_values = [], []
     for layer, layer_k, layer_v in zip(model.layers, keys, values):
-        def attend(q, k, v, layer_k=layer_k, layer_v=layer_v):
-            layer_k = write_kv(layer_k, rows, write_pos, k, layout)
-            layer_v = write_kv(layer_v, rows, write_pos, v, layout)
-            k_win, v_win = rows_window(layer_k), rows_window(layer_v)
-            if impl == "cudnn":
-                out = jax.nn.dot_product_attention(q, k_win.astype(q.dtype), v_win.astype(q.dtype),
-                                                   mask=mask[:, None], scale=scale, implementation="cudnn")
-            else:
-                out = attention(q, k_win, v_win, mask, layout, scale)
-            return out, (layer_k, layer_v)
-        x, (layer_k, layer_v) = layer(x, positions, attend)
+        x, (layer_k, layer_v) = layer(x, positions, lambda q, k, v, lk=layer_k, lv=layer_v: attend(q, k, v, lk, lv))
         new_keys.append(layer_k)
         new_values.append(layer_v)
-    last = jnp.maximum(num_new - 1, 0)
-    hidden = model.norm(x[jnp.arange(r), last][:, None])[:, 0]
-    return hidden, tuple(new_keys), tuple(new_values)
+    slot_hidden, chunk_x = split(x)
+    slot_hidden = model.norm(slot_hidden)[:, 0] if num_slots else None
+    chunk_hidden = None
+    if chunk is not None:
+        last = jnp.maximum(chunk.num_new - 1, 0)
+        chunk_hidden = model.norm(chunk_x[jnp.arange(r), last][:, None])[:, 0]
+    return slot_hidden, chunk_hidden, tuple(new_keys), tuple(new_values)
+
+
+def _rows_window(buf: Array, rows: Array, window: int, layout: str) -> Array:
+    """The first `window` positions of slots `rows` (a gather of just those rows)."""
+    taken = jnp.take(buf, rows, axis=0, mode="clip")
+    return taken[:, :window] if layout == "bshd" else taken[:, :, :window]

@@ -93,6 +93,10 @@ WAIT_FRACTION = flags.DEFINE_float("wait_fraction", 0.25,
 TOOL_OVERLAP = flags.DEFINE_bool("tool_overlap", False,
                                  "Decode the other slots while tools run (for slow tools such as a remote "
                                  "search service); off: wait for the tools, then decode")
+LANE_ROWS = flags.DEFINE_integer("lane_rows", 8,
+                                 "Tool results are appended inside the next decode call, the next lane_width "
+                                 "tokens of up to this many slots per step (0: a prefill call per round)")
+LANE_WIDTH = flags.DEFINE_integer("lane_width", 64, "Appended tokens per lane row and decode step")
 
 PROMPT_FORMAT = flags.DEFINE_enum("prompt_format", "auto", ["auto", "chat", "plain"],
                                   "RL and eval prompts: chat renders the system + user messages with the "

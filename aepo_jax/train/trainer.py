@@ -286,7 +286,8 @@ class Trainer:
         max_len = cfg.max_prompt_tokens + cfg.max_response_tokens
         return Engine(nnx.merge(self.graphdef, self._engine_params(params)), num_slots=slots,
                       max_len=max_len, eos_ids=[self.tokenizer.eos_id],
-                      stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=self.tokenizer, seed=cfg.seed)
+                      stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=self.tokenizer, seed=cfg.seed,
+                      lane_rows=cfg.lane_rows, lane_width=cfg.lane_width)
 
     def _engine_params(self, params):
         """The engine's weights: the train state's params in the compute dtype (a device-side cast)."""

@@ -176,7 +176,7 @@ def test_cudnn_engine_matches_the_xla_engine():
     """attention="cudnn" (decode: per-slot key lengths; prefill: the offset-causal mask as a bias) against the
     einsum attention on the same bf16 model and cache layout: prompts, an appended chunk, then decode in which
     slot 0 stops after 2 tokens and idles (its cuDNN key length drops to 1), then a chunk appended to slot 0
-    and decode again."""
+    and decode again, then chunks appended inside a decode call (its lane)."""
     from flax import nnx
 
     config = qwen3.Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
@@ -195,9 +195,12 @@ def test_cudnn_engine_matches_the_xla_engine():
         assert list(res.counts[:3]) == [2, 6, 6]
         engine.prefill([0], [chunks[1][:7]], max_length=[128])
         res2 = engine.decode(4, wait_fraction=1.0).fetch()
-        cache = [np.asarray(engine.state.keys[0][s, :n], np.float32) for s, n in enumerate(res2.lengths[:3])]
-        seen[impl] = (after_prompt[:3], after_chunk[:3], np.concatenate([res.tokens[:3], res2.tokens[:3]], 1),
-                      np.concatenate([res.logprobs[:3], res2.logprobs[:3]], 1), cache,
+        res3 = engine.decode(4, wait_fraction=1.0, appends={1: chunks[1], 2: chunks[0]}).fetch()
+        assert list(res3.counts[1:3]) == [3, 3]  # the first of the 4 steps absorbs the chunks
+        cache = [np.asarray(engine.state.keys[0][s, :n], np.float32) for s, n in enumerate(res3.lengths[:3])]
+        seen[impl] = (after_prompt[:3], after_chunk[:3],
+                      np.concatenate([r.tokens[:3] for r in (res, res2, res3)], 1),
+                      np.concatenate([r.logprobs[:3] for r in (res, res2, res3)], 1), cache,
                       np.asarray(engine.state.hidden, np.float32)[:3])
     (p_x, c_x, t_x, l_x, k_x, h_x), (p_c, c_c, t_c, l_c, k_c, h_c) = seen["xla"], seen["cudnn"]
     close = lambda a, b: float(np.abs(a - b).max()) <= 0.03 * float(np.abs(a).max())
@@ -324,6 +327,44 @@ def test_stop_string_then_tool_result_equals_decoding_the_concatenation(env):
     np.testing.assert_array_equal(res2.new_tokens(1)[:n], ref.greedy(full, n))
 
 
+def test_appends_inside_decode_equal_prefilling_them_first(env):
+    """decode(appends=...) absorbs the chunks inside its loop with the result of prefilling them first: the same
+    sampled tokens (same keys), log-probs, entropies, stop reasons and lengths. The engine's lane takes 2 slots x
+    4 tokens per step, so chunks take several steps and slots queue; a chunk over the lane's capacity is
+    prefilled by decode; the chunks go to running slots, and to a slot stopped at its budget (it stops again
+    at once, sampling nothing)."""
+    engine = Engine(env["model"], num_slots=NUM_SLOTS, max_len=MAX_LEN, cache_dtype=jnp.float32,
+                    prefill_buckets=(8, 32), lane_rows=2, lane_width=4, lane_capacity=10)
+    prompts = _prompts(11, (5, 8, 3, 6, 7, 4))
+    chunks = _prompts(12, (9, 3, 12, 5, 0, 2))
+    budgets = [30, 30, 30, 30, 30, 2]
+    runs = []
+    for inside in (True, False):
+        engine.prefill(list(range(6)), prompts, sampling=SamplingParams(temperature=1.0), stops=[],
+                       ignore_eos=True, max_length=[len(p) + b for p, b in zip(prompts, budgets)],
+                       seed=list(range(6)))
+        first = engine.decode(6, wait_fraction=1.0)
+        assert first.stopped_slots() == [5] and first.finish_reason(5) == "length"
+        appends = {s: c for s, c in enumerate(chunks) if c}
+        if inside:
+            second = engine.decode(64, wait_fraction=1.0, appends=appends)
+        else:
+            engine.prefill(list(appends), list(appends.values()))
+            second = engine.decode(64, wait_fraction=1.0)
+        runs.append((first.fetch(), second.fetch()))
+        engine.release(list(range(6)))
+    (a1, a2), (b1, b2) = runs
+    np.testing.assert_array_equal(a1.tokens, b1.tokens)
+    for s in range(6):
+        np.testing.assert_array_equal(a2.new_tokens(s), b2.new_tokens(s))
+        np.testing.assert_allclose(a2.new_logprobs(s), b2.new_logprobs(s), atol=1e-5)
+        np.testing.assert_allclose(a2.new_entropies(s), b2.new_entropies(s), atol=1e-5)
+        assert a2.finish_reason(s) == b2.finish_reason(s) == "length"
+    np.testing.assert_array_equal(a2.lengths, b2.lengths)
+    # the budget counts appended tokens: slot 2 samples 6, gets 12 appended (by a prefill), samples 12
+    assert a2.counts[5] == 0 and a2.counts[4] == 30 - 6 and a2.counts[2] == 30 - 6 - 12
+
+
 def test_eos_and_max_len_stop_cleanly(env):
     engine, probe, eos_at = env["engine"], env["probe"], env["eos_at"]
     # EOS (stop strings off): the EOS token is the last new token.
@@ -388,8 +429,9 @@ def _multi_turn(engine, prompts, result):
     engine.prefill([1], [result[:3]])
     engine.fork([1, 2], [3, 4], same_key=True)
     c = engine.decode(16, min_waiting=2)
+    d = engine.decode(16, wait_fraction=1.0, appends={3: result, 4: result[:2]})
     engine.release([0, 1, 2, 3, 4])
-    return [r.tokens for r in (a, b, c)]
+    return [r.tokens for r in (a, b, c, d)]
 
 
 def test_multi_turn_after_warmup_compiles_nothing(env, setup):
@@ -433,6 +475,11 @@ def test_bad_input_raises_and_other_slots_keep_their_state(env):
         (lambda: engine.fork(0, 0), "in use"),
         (lambda: engine.fork(1, 2), "hold no sequence"),
         (lambda: engine.generate([[1]] * 2, max_new_tokens=2), "in use"),
+        (lambda: engine.decode(4, appends={1: [1, 2]}), "hold no sequence"),
+        (lambda: engine.decode(4, appends={0: [1, 200]}), "outside"),
+        (lambda: engine.decode(4, appends={0: []}), "empty"),
+        (lambda: engine.decode(4, appends={0: list(range(MAX_LEN - 9))}), "does not fit"),
+        (lambda: engine.decode(4, appends={NUM_SLOTS: [1]}), "out of range"),
         (lambda: SamplingParams(top_p=0.0), "top_p"),
     ]
     for call, match in bad:
