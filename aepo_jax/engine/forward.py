@@ -17,7 +17,8 @@ A decode step scatters one key / value row per running slot and attends in place
 A prefill gathers only the rows it appends to, up to a static key window. Its queries start at each slot's
 own offset, which cuDNN's top-left causal mask cannot express, so the mask [R, T, window] is explicit: the
 einsum attention applies it to float32 scores; "cudnn" passes it as an additive bias to the fused kernel
-(no [R, heads, T, window] float32 scores in memory).
+(no [R, heads, T, window] float32 scores in memory). A decode step can carry such chunks too (its "lane":
+tool results appended while the other slots decode), in the same flat batch of rows as its decode tokens.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
     prefix (one key for a write=False row: the slots that wait for a tool or are free read no cache).
 
     `lane` appends chunks to other slots (ones with write=False) in the same pass: their tokens join the
-    decode tokens in every projection and MLP product, which at decode batch sizes read the weights once
-    for all of them (a small-M GEMM costs its weight bytes, not its rows), and attend as a prefill does
-    (see `prefill_chunk`, key window max_len). Returns the final normed hidden states [S, H], that of each
+    decode tokens in every projection and MLP product (the weights are read once for both) and attend as a
+    prefill does (see `prefill_chunk`, key window max_len). Not free: on an H100, 512 appended tokens make a
+    step cost about what a separate prefill of them does (docs/benchmarks.md, session 6). Returns the final normed hidden states [S, H], that of each
     lane row's last real token [R, H] (None without a lane), and the new key / value buffers.
     """
     _check_impl(impl, layout)
