@@ -727,6 +727,8 @@ class Engine:
         the call, with the same result, but absorbed inside the loop while the other slots decode: up to
         lane_rows slots' next lane_width tokens ride along in each step (see `forward.decode_step`). Each
         such slot then runs (it counts as running for `need`). Every append is in when the call returns.
+        max_steps counts the call's sampling steps, so a slot that absorbs appends samples in fewer of them;
+        steps that only absorb (after max_steps or `need` is reached) sample nothing and are not counted.
         """
         if max_steps < 1:
             raise ValueError(f"decode: max_steps must be >= 1, got {max_steps}")
