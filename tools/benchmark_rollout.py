@@ -64,8 +64,10 @@ def main(argv=None):
     parser.add_argument("--response", type=int, default=512)
     parser.add_argument("--tool_every", type=int, default=64)
     parser.add_argument("--decode_chunk", type=int, default=64)
-    parser.add_argument("--wait_fraction", type=float, default=0.25)
-    parser.add_argument("--tool_overlap", action="store_true")
+    parser.add_argument("--wait_fraction", type=float, default=rollout_lib.RolloutConfig.wait_fraction)
+    parser.add_argument("--tool_overlap", action=argparse.BooleanOptionalAction,
+                        default=rollout_lib.RolloutConfig.tool_overlap,
+                        help="the loop's order (see agent/rollout.py); --no-tool_overlap: read, wait, then decode")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmups", type=int, default=1,
                         help="untimed runs first; every run repeats seed 0, but on a GPU the sampled tokens (hence the "
@@ -74,7 +76,7 @@ def main(argv=None):
     parser.add_argument("--waves", type=int, default=1, help="trajectories = waves x batch (slots stay batch)")
     parser.add_argument("--tag", default="", help="names the JSON file: rollout_bench_TAG.json")
     parser.add_argument("--attention", default=None, help="engine attention: cudnn or xla (default: engine's)")
-    parser.add_argument("--lane_rows", type=int, default=8,
+    parser.add_argument("--lane_rows", type=int, default=4,
                         help="engine: slots whose appended tokens ride along per decode step (0: prefill them)")
     parser.add_argument("--lane_width", type=int, default=64, help="engine: appended tokens per lane row and step")
     parser.add_argument("--timeline", action="store_true",
@@ -114,18 +116,31 @@ def main(argv=None):
                                              max_response_tokens=args.response, sampling=sampling,
                                              decode_chunk=args.decode_chunk, wait_fraction=args.wait_fraction,
                                              tool_overlap=args.tool_overlap)
-        compiles = []
+        compiles, host = [], dict(decode_dispatch_s=0.0, fetch_wait_s=0.0)
         listener = lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None
+
+        def timed(name, fn):  # host time inside each call, no synchronisation added
+            key = "decode_dispatch_s" if name == "decode" else "fetch_wait_s"
+
+            def call(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    host[key] += time.perf_counter() - t0
+            return call
+
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool, _wrapped(engine, ("decode",), timed), \
+                    _wrapped(DecodeResult, ("fetch",), timed):
                 result = rollout_lib.rollout(engine, ByteTokenizer(), {}, prompts, config_r, executor=pool,
                                              seed=seed)
         finally:
             jax.monitoring.unregister_event_duration_listener(listener)
         sampled = [sum(g[0].mask) for g in result.groups]
         return result.metrics["rollout/sampled_tokens_per_s"], dict(result.metrics, sampled_per_traj=sampled,
-                                                                    compilations=len(compiles))
+                                                                    compilations=len(compiles), **host)
 
     rows = {}
     for name, fn in (("plain_decode", lambda i: plain()), ("agentic_rollout", agentic)):
@@ -145,18 +160,23 @@ def main(argv=None):
     ratio = rows["agentic_rollout"]["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
                    attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt, response=args.response,
-                   tool_every=args.tool_every, wait_fraction=args.wait_fraction, ratio=ratio, **rows)
+                   tool_every=args.tool_every, wait_fraction=args.wait_fraction, tool_overlap=args.tool_overlap,
+                   ratio=ratio, **rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"rollout_bench{'_' * bool(args.tag)}{args.tag}.json"), "w") as f:
             json.dump(summary, f, indent=2)
     m = rows["agentic_rollout"]["metrics"]
     print(f"device {summary['device']}  preset {args.preset}  batch {args.batch}  waves {args.waves}  "
-          f"attention {engine.attention}  lane {args.lane_rows}x{args.lane_width}  wait_fraction {args.wait_fraction}")
+          f"attention {engine.attention}  lane {args.lane_rows}x{args.lane_width}  wait_fraction {args.wait_fraction}  "
+          f"tool_overlap {args.tool_overlap}")
     print(f"plain decode      {rows['plain_decode']['tokens_per_s']:10.0f} sampled tokens/s")
     print(f"agentic rollout   {rows['agentic_rollout']['tokens_per_s']:10.0f} sampled tokens/s  "
           f"({m.get('rollout/tool_calls_per_traj', 0):.1f} tool calls/trajectory, "
           f"{m.get('rollout/decode_calls', 0):.0f} decode calls, {m.get('compilations', 0)} compilations)")
     print(f"ratio             {ratio:10.1%}")
+    print(f"agentic run: {m['rollout/seconds']:.2f} s, {m['rollout/decode_steps']:.0f} decode steps, slot use "
+          f"{m['rollout/slot_use']:.1%}; host time dispatching decode calls {m['decode_dispatch_s']:.2f} s, "
+          f"waiting for their results {m['fetch_wait_s']:.2f} s")
     if "plain_decode_matched" in rows:
         matched = rows["plain_decode_matched"]["tokens_per_s"]
         print(f"plain decode, matched lengths {matched:10.0f} sampled tokens/s; agentic / matched "

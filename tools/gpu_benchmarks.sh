@@ -3,6 +3,7 @@
 #   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention tests, agentic rollout ratio (cuDNN and XLA attention)
 #   bash tools/gpu_benchmarks.sh rollout_policy  # the same with wait_fraction 0.125, and with 4 waves
 #   bash tools/gpu_benchmarks.sh lane      # in-loop appends: rollout ratio per lane shape (LANES="8x64 0x64")
+#   bash tools/gpu_benchmarks.sh overlap   # rollout ratio, the loop's sync and overlapped orders (RUNS="sync:0.25 ...")
 #   bash tools/gpu_benchmarks.sh timeline  # device busy / idle per kind of engine call in a rollout
 #   bash tools/gpu_benchmarks.sh prefill_compile  # compile time vs speed of a prefill shape under three GEMM settings
 #   bash tools/gpu_benchmarks.sh rlstep    # the profiled 0.6B RL step alone
@@ -51,6 +52,16 @@ lane)  # tool results appended inside the decode loop (lane rows x width per ste
   for lane in ${LANES:-8x64 0x64}; do
     run 280 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
       --tool_every 64 --warmups 2 --repeats 2 --breakdown --lane_rows ${lane%x*} --lane_width ${lane#*x} --tag lane$lane
+  done
+  ;;
+overlap)  # the loop's two orders (sync: wait for the tools, then decode; overlap: the next decode call is queued
+           # before the last one's result is read) per wait fraction, RUNS="sync:0.25 overlap:0.25 ..."
+  [ -n "${TESTS-1}" ] && run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py -k "cudnn or bf16"
+  for r in ${RUNS:-sync:0.25 overlap:0.125}; do
+    mode=${r%:*}; fraction=${r#*:}
+    run 200 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+      --tool_every 64 --warmups 2 --repeats 2 --wait_fraction $fraction --$([ $mode = sync ] && echo no-)tool_overlap \
+      --tag $mode$fraction
   done
   ;;
 timeline)  # where a rollout's wall time goes: device busy / idle inside each kind of engine call and host work

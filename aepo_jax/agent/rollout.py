@@ -6,13 +6,15 @@ budget), run the stopped slots' tool calls concurrently in a thread pool, append
 only those tokens, inside its loop while the other slots decode, see `Engine.decode`), continue. Two
 orders, both deterministic (the token streams and every decision depend on device results and program
 order, never on timing):
-  tool_overlap=False  wait for the tools, then dispatch the next decode call with their results: a slot
-                      that called a tool idles only until the current call returns (fast tools: local
-                      search, the Python sandbox).
-  tool_overlap=True   dispatch the next decode call first, then wait for the tools while the device decodes
-                      the other slots (JAX dispatch is asynchronous); the results join the call after. The
-                      calling slots idle one whole extra call, the device never waits for a slow tool
-                      (a remote search service).
+  tool_overlap=True   (default) queue the next decode call before reading the last one's result: the
+                      host's work (reading results, parsing, tool calls, branching) and the tools run
+                      while the device decodes the other slots, and the results join the call after. The
+                      calling slots idle one extra call; the device never waits for the host or a slow
+                      tool. With short calls (wait_fraction 0.125) this is the faster order (H100, 1.7B:
+                      see docs/benchmarks.md).
+  tool_overlap=False  read the result, wait for the tools, then dispatch the next decode call with their
+                      results: a calling slot idles only until the current call returns, but the device
+                      idles while the host works.
 
 Trajectories carry what training needs, built once here and never re-tokenised: prompt and response ids,
 the loss mask (1 on sampled tokens, 0 on tool results), the sampler's log-probs and full-vocabulary
@@ -70,8 +72,8 @@ class RolloutConfig:
     max_response_tokens: int = 4096
     sampling: SamplingParams = SamplingParams()
     decode_chunk: int = 64
-    wait_fraction: float = 0.25
-    tool_overlap: bool = False       # decode the other slots while tools run (see the module docstring)
+    wait_fraction: float = 0.125
+    tool_overlap: bool = True        # queue the next decode call before reading the last (module docstring)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -153,8 +155,8 @@ class _Run:
         self.awaiting: dict[int, int] = {}         # slot -> response index of the segment to judge
         self.question_consecutive = [0] * len(prompts)
         self.decisions: list[tuple[float, int, bool]] = []  # (dH, consecutive count l, branched)
-        self.stats = dict(branches=0, no_slot=0, tool_idle_s=0.0, decode_calls=0,
-                          branch_tool_index=[], tool_signals=[])
+        self.stats = dict(branches=0, no_slot=0, tool_idle_s=0.0, decode_calls=0, decode_steps=0,
+                          decode_tokens=0, branch_tool_index=[], tool_signals=[])
         self.branching = config.scheduler != "grpo"
         self.probing = False                       # AEPO pre-monitoring phase: no branching, no refill
         self.lam = config.branch_lambda if config.scheduler == "aepo" else 0.0
@@ -273,6 +275,8 @@ class _Run:
     def _absorb(self, result) -> list[tuple[int, ToolCall]]:
         """Appends a decode call's tokens; returns the tool calls of slots that stopped on a tool tag."""
         result = result.fetch()
+        self.stats["decode_steps"] += int(result.steps)
+        self.stats["decode_tokens"] += int(result.counts.sum())
         calls = []
         for slot in sorted(s for s, st in self.status.items() if st == "running"):
             traj = self.slot_of[slot]
@@ -365,30 +369,32 @@ class _Run:
         """Decodes until every trajectory (and every refill) has finished."""
         if not self.probing:  # e.g. pre-monitoring gave m = 1 everywhere and its probes already ended
             self._refill()
-        if not self.config.tool_overlap:
-            while True:
-                self._start_pending()
-                result = self._decode()
-                if result is None:
-                    break
-                self._append_results(self._submit(self._absorb(result)))
-                if not self.probing:
-                    self._refill()
-            return
+        if self.config.tool_overlap:
+            return self._overlapped_loop()
+        while True:
+            self._start_pending()
+            result = self._decode()
+            if result is None:
+                break
+            self._append_results(self._submit(self._absorb(result)))
+            if not self.probing:
+                self._refill()
+
+    def _overlapped_loop(self) -> None:
+        """tool_overlap: the next decode call is queued before the last one's result is read, so reading it,
+        the tool calls, branching and refills all happen while the device decodes (a decode call returns
+        once launched, see `Engine`); the results of the tools called in call n are appended in call n + 2."""
         self._start_pending()
-        result = self._decode()
-        while result is not None:
-            submitted = self._submit(self._absorb(result))
+        in_flight = self._decode()
+        while in_flight is not None:
+            following = self._decode()  # appends the tool results of the call before in_flight
+            submitted = self._submit(self._absorb(in_flight))
             if not self.probing:
                 self._refill()
             self._start_pending()
-            result = self._decode()
-            self._append_results(submitted, result)
-            if result is None:  # the tool results may have made slots runnable again, or ended them
-                if not self.probing:
-                    self._refill()
-                self._start_pending()
-                result = self._decode()
+            self._append_results(submitted, following)
+            # None: nothing ran when it would have been queued; the tool results may make slots run again
+            in_flight = following if following is not None else self._decode()
 
     # ---------------------------------------------------------------------------------------- phases
 
@@ -448,6 +454,9 @@ class _Run:
             "rollout/truncation_rate": mean([t.finish_reason == "length" for t in trajs]),
             "rollout/max_tool_calls_rate": mean([t.finish_reason == "max_tool_calls" for t in trajs]),
             "rollout/decode_calls": float(self.stats["decode_calls"]),
+            "rollout/decode_steps": float(self.stats["decode_steps"]),
+            # sampled tokens per slot and decode step: how full the compiled batch was
+            "rollout/slot_use": self.stats["decode_tokens"] / max(self.stats["decode_steps"] * self.engine.num_slots, 1),
         }
 
 

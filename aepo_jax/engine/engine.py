@@ -257,8 +257,9 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
         )
 
     def body(c):
-        # `unroll` steps per loop iteration: the exit test (a device-to-host sync on GPU) runs once per
-        # iteration; the later steps of an iteration are masked no-ops once the loop should have ended.
+        # `unroll` steps per loop iteration: the exit test runs once per iteration (a device-to-host sync on
+        # GPU unless the loop runs as a CUDA graph, as the engine compiles it); the later steps of an
+        # iteration are masked no-ops once the loop should have ended.
         c = step(c, jnp.bool_(True), lane=False)
         for _ in range(spec.unroll - 1):
             c = step(c, cond(c), lane=False)
@@ -361,7 +362,7 @@ class DecodeResult:
             self._host = packing.unpack(np.asarray(jax.device_get(self.output)), _result_layout(self._width))
             self._host["steps"] = self._host["steps"][0]
             self.__dict__.update(self._host)  # later reads are plain attributes, not __getattr__ calls
-            self._engine._learn_lengths(self._host["lengths"], self._version)
+            self._engine._learn_lengths(self._host["lengths"], self._host["reason"], self._version)
         return self
 
     def __getattr__(self, name):
@@ -445,7 +446,7 @@ class Engine:
                  eos_ids: Sequence[int] = (), stop_strings: Mapping[str, Any] | Sequence[str] | None = None,
                  tokenizer=None, prefill_buckets: Sequence[int] | None = None, layout: str | None = None,
                  seed: int = 0, key_impl: str | None = None, attention: str | None = None, unroll: int = 1,
-                 lane_rows: int = 8, lane_width: int = 64, lane_capacity: int = 256):
+                 lane_rows: int = 4, lane_width: int = 64, lane_capacity: int = 256):
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"Engine needs num_slots >= 1 and max_len >= 2, got {num_slots}, {max_len}")
         config = model.config
@@ -506,24 +507,33 @@ class Engine:
         # their weights. In the decode loop the concatenation fuses into the GEMM; a prefill's cuBLAS GEMMs
         # got a materialised copy of those weights on every call (1.4 GB for Qwen3-1.7B: ~1.4 ms on an H100).
         # Command buffers (CUDA graphs) are off for the prefill: updating and launching its graph cost more
-        # host time than launching its kernels one by one (H100: 13.84 -> 12.96 ms per call); the decode
-        # loop keeps them (its per-step cost is lower with them).
-        prefill_options = ({"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_command_buffer": ""}
-                           if jax.default_backend() == "gpu" else None)
+        # host time than launching its kernels one by one (H100: 13.84 -> 12.96 ms per call). The decode's
+        # while loops go into the graph too (conditional nodes): by default XLA:GPU tests a loop's exit
+        # condition on the host after every iteration, so a decode call would return only when its loop
+        # ends; as a graph it returns once launched (H100, 1.7B: after 4.6 ms for a 67 ms call, same step
+        # time), and the host can queue the next call or read the last one's result meanwhile.
+        gpu = jax.default_backend() == "gpu"
+        prefill_options = dict(xla_gpu_dot_merger_threshold_mb=0, xla_gpu_enable_command_buffer="") if gpu else None
+        graphs = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+        decode_options = dict(xla_gpu_enable_command_buffer=graphs) if gpu else None
         self._prefill = jax.jit(functools.partial(_prefill_impl, spec), static_argnames=("layout", "window"),
                                 donate_argnums=(1,), compiler_options=prefill_options)
         self._decode = jax.jit(functools.partial(_decode_impl, spec),
-                               static_argnames=("width", "greedy_only", "candidates"), donate_argnums=(1,))
+                               static_argnames=("width", "greedy_only", "candidates"), donate_argnums=(1,),
+                               compiler_options=decode_options)
         self._fork = jax.jit(functools.partial(_fork_impl, spec), donate_argnums=(0,))
         self._release = jax.jit(_release_impl, donate_argnums=(0,))
         self._rewind = jax.jit(functools.partial(_rewind_impl, spec), donate_argnums=(0,))
         self.state = self._initial_state(key_impl)
-        # Host mirror: which slots are in use, their sampling settings, their lengths where known.
+        # Host mirror: which slots are in use, their sampling settings, their lengths where known. Every call
+        # that changes the state bumps _version; _length_version[s] is the version of the last call that set
+        # slot s's length or may have changed it by appending to it.
         self._occupied = np.zeros(num_slots, bool)
         self._sampling: list[SamplingParams | None] = [None] * num_slots
         self._lengths = np.zeros(num_slots, np.int64)
         self._lengths_known = np.ones(num_slots, bool)
         self._version = 0
+        self._length_version = np.zeros(num_slots, np.int64)
         self._request_counter = itertools.count()
         self._fork_counter = itertools.count()
 
@@ -576,10 +586,22 @@ class Engine:
         self._lengths_known[:] = True
         return lengths.copy()
 
-    def _learn_lengths(self, lengths: np.ndarray, version: int) -> None:
+    def _learn_lengths(self, lengths: np.ndarray, reason: np.ndarray, version: int) -> None:
+        """Learns slot lengths from the result of the decode call of `version`: all of them if no call came
+        after it; else those of the slots that had stopped by its end (no later decode call moves them unless
+        it appends to them) and that no later call set or appended to. So a caller that queues the next decode
+        call before reading this one can still append to the slots that stopped without a sync."""
+        learn = (reason != RUNNING) & (self._length_version <= version)
         if version == self._version:
-            self._lengths[:] = lengths
-            self._lengths_known[:] = True
+            learn[:] = True
+        self._lengths[learn] = lengths[learn]
+        self._lengths_known[learn] = True
+
+    def _set_lengths(self, slots, lengths) -> None:
+        """Records lengths the host just set (after the call that sets them bumped _version)."""
+        self._lengths[slots] = lengths
+        self._lengths_known[slots] = True
+        self._length_version[slots] = self._version
 
     def _check_slots(self, slots, what: str) -> list[int]:
         if isinstance(slots, (int, np.integer)):
@@ -711,9 +733,8 @@ class Engine:
             if fresh[i] or has_sp[i]:
                 self._sampling[s] = sp[i]
         self._occupied[slots] = True
-        self._lengths[slots] = starts + sizes
-        self._lengths_known[slots] = True
         self._version += 1
+        self._set_lengths(slots, starts + sizes)
 
     def decode(self, max_steps: int, *, min_waiting: int = 1, wait_fraction: float = 0.0,
                appends: Mapping[int, Sequence[int]] | None = None) -> DecodeResult:
@@ -740,6 +761,7 @@ class Engine:
                                        np.float32(wait_fraction), packed, **static)
         self._version += 1
         self._lengths_known[self._occupied] = False
+        self._length_version[packed[:, 0] > 0] = self._version
         return DecodeResult(self, out, static["width"], self._version)
 
     def _pack_appends(self, appends: dict) -> np.ndarray:
@@ -807,12 +829,13 @@ class Engine:
         ids = [next(self._fork_counter) % (2 ** 31) for _ in range(n)]
         self.state = self._fork(self.state, pad(src, 0, np.int32), pad(dst, self.num_slots, np.int32),
                                 pad([same_key] * n, True, bool), pad(ids, 0, np.int32))
+        self._version += 1
         for s, d in zip(src, dst):
             self._occupied[d] = True
             self._sampling[d] = self._sampling[s]
             self._lengths[d] = self._lengths[s]
             self._lengths_known[d] = self._lengths_known[s]
-        self._version += 1
+            self._length_version[d] = self._version
 
     def rewind(self, slots: int | Sequence[int], lengths: int | Sequence[int], *,
                seed: int | Sequence[int]) -> None:
@@ -836,9 +859,8 @@ class Engine:
         p = self._row_bucket(len(slots))
         pad = lambda a, fill: np.concatenate([np.asarray(a, np.int32), np.full(p - len(a), fill, np.int32)])
         self.state = self._rewind(self.state, pad(slots, self.num_slots), pad(lengths, 0), pad(seeds, 0))
-        for s, n in zip(slots, lengths):
-            self._lengths[s], self._lengths_known[s] = n, True
         self._version += 1
+        self._set_lengths(slots, lengths)
 
     def release(self, slots: int | Sequence[int]) -> None:
         """Frees slots (releasing a free slot is a no-op)."""
@@ -849,11 +871,10 @@ class Engine:
         rows = np.concatenate([np.asarray(slots, np.int32), np.full(p - len(slots), self.num_slots, np.int32)])
         self.state = self._release(self.state, rows)
         self._occupied[slots] = False
-        self._lengths[slots] = 0
-        self._lengths_known[slots] = True
+        self._version += 1
+        self._set_lengths(slots, 0)
         for s in slots:
             self._sampling[s] = None
-        self._version += 1
 
     # -- convenience --
 

@@ -87,13 +87,14 @@ ROLLOUT_SLOTS = flags.DEFINE_integer("rollout_slots", 0, "Engine slots (0: quest
 TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature in training")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling in training")
 DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 64, "Max decode steps per engine call")
-WAIT_FRACTION = flags.DEFINE_float("wait_fraction", 0.25,
+WAIT_FRACTION = flags.DEFINE_float("wait_fraction", 0.125,
                                    "Return to the host when this fraction of the running slots has stopped "
                                    "(tool tag, EOS or length)")
-TOOL_OVERLAP = flags.DEFINE_bool("tool_overlap", False,
-                                 "Decode the other slots while tools run (for slow tools such as a remote "
-                                 "search service); off: wait for the tools, then decode")
-LANE_ROWS = flags.DEFINE_integer("lane_rows", 8,
+TOOL_OVERLAP = flags.DEFINE_bool("tool_overlap", True,
+                                 "Queue the next decode call before reading the last one, so result handling and "
+                                 "tools run while the device decodes (tool results join one call later); off: "
+                                 "read the results, wait for the tools, then decode")
+LANE_ROWS = flags.DEFINE_integer("lane_rows", 4,
                                  "Tool results are appended inside the next decode call, the next lane_width "
                                  "tokens of up to this many slots per step (0: a prefill call per round)")
 LANE_WIDTH = flags.DEFINE_integer("lane_width", 64, "Appended tokens per lane row and decode step")

@@ -96,11 +96,13 @@ def test_same_seed_same_rollout(world):
 def test_tool_results_and_branch_tokens_are_appended_inside_decode_calls(world, tool_overlap):
     """The tool results of a round and the re-run prefix token of each branch made in it go to the next decode
     call, which absorbs them inside its loop: no prefill call appends to an occupied slot, one-token appends
-    are exactly the branches, and tool results are appended too."""
+    are exactly the branches, and tool results are appended too. The loop never waits for the device to learn
+    slot lengths (with tool_overlap the next call is already queued when a result is read)."""
     tok, _, _ = world
     engine = _engine(tok, 40)
-    appending_prefills, appended = [], []
-    prefill, decode = engine.prefill, engine.decode
+    appending_prefills, appended, syncs = [], [], []
+    prefill, decode, lengths = engine.prefill, engine.decode, engine.lengths
+    engine.lengths = lambda: syncs.append(1) or lengths()
 
     def counting_prefill(slots, chunks, **kw):
         if engine.occupied[slots].any():
@@ -116,7 +118,7 @@ def test_tool_results_and_branch_tokens_are_appended_inside_decode_calls(world, 
                   tool_overlap=tool_overlap)
     branches = round(result.metrics["rollout/branches_per_question"] * 6)
     assert branches >= 3 and result.metrics["rollout/tool_calls_per_traj"] > 0.5
-    assert appending_prefills == []
+    assert appending_prefills == [] and syncs == []
     assert appended.count(1) == branches
     assert len(appended) - branches >= 6
 
@@ -188,19 +190,21 @@ def test_fewer_slots_than_trajectories_still_gives_k(world):
     assert [len(g) for g in result.groups] == [4, 4, 4]
 
 
-@pytest.mark.parametrize("lane_rows", [4, 0])
-def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_rows):
+@pytest.mark.parametrize("lane_rows,overlap", [(4, True), (0, False)])
+def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_rows, overlap):
     """tools/benchmark_rollout.py end to end on CPU: its tool stops fire, every figure it reports exists, the
     matched-length plain decode samples exactly the agentic run's tokens per slot, and the synchronised
     breakdown accounts for the run's sampled tokens. Tool results go through the decode calls' lane (one
-    prefill call: the prompts) or, with --lane_rows 0, through prefill calls that decode makes itself."""
+    prefill call: the prompts) or, with --lane_rows 0, through prefill calls that decode makes itself; the loop in
+    either order (--tool_overlap)."""
     import json
 
     from tools import benchmark_rollout
     monkeypatch.setenv("OUT", str(tmp_path))
     summary = benchmark_rollout.main(["--preset", "tiny", "--batch", "4", "--prompt", "8", "--response", "96",
                                       "--tool_every", "8", "--repeats", "1", "--breakdown", "--timeline",
-                                      "--lane_rows", str(lane_rows), "--tag", "t"])
+                                      "--lane_rows", str(lane_rows), "--tag", "t",
+                                      "--tool_overlap" if overlap else "--no-tool_overlap"])
     saved = json.loads((tmp_path / "rollout_bench_t.json").read_text())
     metrics = saved["agentic_rollout"]["metrics"]
     assert metrics["rollout/tool_calls_per_traj"] > 1
@@ -213,6 +217,10 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     assert sum(c[1] for c in b["calls"]) <= b["seconds"]  # a prefill inside a decode call counts once
     sampled = sum(c[3] for c in b["calls"] if c[0] == "decode")
     assert sampled == pytest.approx(b["tokens_per_s"] * b["seconds"], rel=1e-6)
+    # the timed run's own counts (same seed: the same calls on the CPU) and its host time inside engine calls
+    assert metrics["rollout/decode_steps"] == b["decode_steps"]
+    assert metrics["rollout/slot_use"] == pytest.approx(b["slot_use"])
+    assert 0 < metrics["decode_dispatch_s"] + metrics["fetch_wait_s"] < metrics["rollout/seconds"]
     # the profiled run: its parts tile the run's wall time, device-busy time never exceeds wall time, and
     # every decode call and prefill was seen
     t = saved["timeline"]

@@ -419,6 +419,34 @@ def test_wait_policy_returns_when_enough_slots_wait(env):
     assert int(res.steps) == 6 and res.stopped_slots() == [0, 1]
 
 
+def test_slots_that_stopped_keep_known_lengths_through_a_queued_call(env, monkeypatch):
+    """A caller may queue the next decode call before reading the last one (the rollout's tool_overlap). The
+    slots that had stopped by the end of the call it reads cannot move in the queued call, so appending to
+    them needs no sync with the device, and their lengths are exact (a chunk one token too long is refused);
+    a slot that ran in the queued call, or was appended to in it, needs a sync."""
+    engine = env["engine"]
+    prompts = _prompts(21, (5, 7, 6))
+    engine.prefill([0, 1, 2], prompts, sampling=SamplingParams(temperature=1.0), stops=[], ignore_eos=True,
+                   max_length=[len(prompts[0]) + 3, MAX_LEN, len(prompts[2]) + 2], seed=[0, 1, 2])
+    first = engine.decode(4, wait_fraction=1.0)  # slots 0 and 2 stop at their budgets, slot 1 runs on
+    queued = engine.decode(2, wait_fraction=1.0, appends={2: [4]})  # queued before `first` is read
+    syncs = []
+    sync = engine.lengths
+    monkeypatch.setattr(engine, "lengths", lambda: syncs.append(1) or sync())
+    assert first.stopped_slots() == [0, 2] and first.finish_reason(1) is None
+    # slot 1 ran in `queued`, slot 2 was appended to in it: reading `first` does not give their lengths
+    assert engine._lengths_known[[0, 1, 2]].tolist() == [True, False, False]
+    room = MAX_LEN - (len(prompts[0]) + 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.decode(1, appends={0: [3] * (room + 1)})
+    third = engine.decode(2, wait_fraction=1.0, appends={0: [3] * 2})
+    assert syncs == []
+    engine.decode(1, appends={2: [5]})
+    assert syncs == [1]
+    assert third.lengths[0] == len(prompts[0]) + 3 + 2 and third.counts[0] == 0  # over its budget again
+    assert queued.lengths[2] == len(prompts[2]) + 2 + 1 and queued.counts[1] == 2
+
+
 def _multi_turn(engine, prompts, result):
     engine.prefill([0, 1], prompts, sampling=[SamplingParams.greedy(), SamplingParams(temperature=1.0)],
                    max_length=MAX_LEN - 8, seed=[1, 2])
