@@ -152,6 +152,13 @@ def _put_if(arr: Array, rows: Array, cond: Array, new) -> Array:
     return _put(arr, rows, jnp.where(cond, new, old))
 
 
+def _restarted(state: EngineState, mask) -> dict:
+    """The stop state of the slots in `mask` once tokens are appended to them (a prompt, a tool result), by a
+    prefill or inside a decode call alike: they run again, with no sampled history and no stop reason."""
+    return dict(history=jnp.where(mask[:, None], -1, state.history), running=state.running | mask,
+                reason=jnp.where(mask, RUNNING, state.reason), stop_id=jnp.where(mask, -1, state.stop_id))
+
+
 def _prefill_impl(spec: _Spec, weights, state: EngineState, packed, *, layout, window: int):
     """packed: the call's per-row arguments in one int32 array (see `packing`): tokens [R, T], rows, num_new,
     fresh, seeds, and for each setting in SETTINGS its value and a flag `<name>_set`: the setting is
@@ -170,10 +177,7 @@ def _prefill_impl(spec: _Spec, weights, state: EngineState, packed, *, layout, w
         lengths=_put(state.lengths, rows, starts + num_new),
         hidden=_put(state.hidden, rows, hidden),
         rng=_put_if(state.rng, rows, fresh, _request_key_data(spec, seeds)),
-        history=_put(state.history, rows, -1),
-        running=_put(state.running, rows, True),
-        reason=_put(state.reason, rows, RUNNING),
-        stop_id=_put(state.stop_id, rows, -1),
+        **_restarted(state, jnp.zeros_like(state.running).at[rows].set(True, mode="drop")),
         **updates)
 
 
@@ -191,15 +195,14 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
     # A slot already at its budget stops before sampling anything (one that appends is checked once its
     # tokens are in).
     at_limit = state.running & ~appending & (state.lengths >= state.limit)
-    running = state.running | appending
-    n_start = jnp.sum(running.astype(jnp.int32))
+    restarted = _restarted(state, appending)
+    n_start = jnp.sum(restarted["running"].astype(jnp.int32))
     need = jnp.maximum(min_waiting, jnp.ceil(wait_fraction * n_start).astype(jnp.int32))
     need = jnp.clip(need, 1, jnp.maximum(n_start, 1))
     init = dict(
         step=jnp.int32(0), keys=state.keys, values=state.values, lengths=state.lengths,
-        hidden=state.hidden, history=jnp.where(appending[:, None], -1, state.history),
-        running=running & ~at_limit, reason=jnp.where(at_limit, LENGTH, jnp.where(appending, RUNNING, state.reason)),
-        stop_id=jnp.where(appending, -1, state.stop_id), stopped=at_limit,
+        hidden=state.hidden, history=restarted["history"], running=restarted["running"] & ~at_limit,
+        reason=jnp.where(at_limit, LENGTH, restarted["reason"]), stop_id=restarted["stop_id"], stopped=at_limit,
         absorbed=jnp.zeros((num_slots,), jnp.int32), counts=jnp.zeros((num_slots,), jnp.int32),
         tokens=jnp.full((num_slots, width), -1, jnp.int32),
         logprobs=jnp.zeros((num_slots, width), jnp.float32),
@@ -324,19 +327,22 @@ def _fork_impl(spec: _Spec, state: EngineState, src, dst, same_key, fork_ids):
     return dataclasses.replace(new, rng=new.rng.at[dst].set(rng, mode="drop"))
 
 
-def _rewind_impl(spec: _Spec, state: EngineState, rows, lengths, seeds):
-    """Cuts slots back to `lengths`, idle until their next prefill, with keys derived from `seeds`."""
+def _idled(state: EngineState, rows, lengths) -> EngineState:
+    """Slots cut to `lengths` that sample nothing until tokens are appended, with no history or stop reason."""
     return dataclasses.replace(
         state, lengths=_put(state.lengths, rows, lengths), running=_put(state.running, rows, False),
         reason=_put(state.reason, rows, RUNNING), stop_id=_put(state.stop_id, rows, -1),
-        history=_put(state.history, rows, -1), rng=_put(state.rng, rows, _request_key_data(spec, seeds)))
+        history=_put(state.history, rows, -1))
+
+
+def _rewind_impl(spec: _Spec, state: EngineState, rows, lengths, seeds):
+    """Cuts slots back to `lengths`, idle until their next prefill, with keys derived from `seeds`."""
+    state = _idled(state, rows, lengths)
+    return dataclasses.replace(state, rng=_put(state.rng, rows, _request_key_data(spec, seeds)))
 
 
 def _release_impl(state: EngineState, rows):
-    return dataclasses.replace(
-        state, lengths=_put(state.lengths, rows, 0), running=_put(state.running, rows, False),
-        reason=_put(state.reason, rows, RUNNING), stop_id=_put(state.stop_id, rows, -1),
-        history=_put(state.history, rows, -1))
+    return _idled(state, rows, 0)
 
 
 # ------------------------------------------------------------------------------------------- results
