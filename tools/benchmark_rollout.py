@@ -159,9 +159,9 @@ def main(argv=None):
         rows["timeline"] = timeline(engine, lambda: agentic(0))
     ratio = rows["agentic_rollout"]["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
-                   attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt, response=args.response,
-                   tool_every=args.tool_every, wait_fraction=args.wait_fraction, tool_overlap=args.tool_overlap,
-                   ratio=ratio, **rows)
+                   attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt,
+                   response=args.response, tool_every=args.tool_every, wait_fraction=args.wait_fraction,
+                   tool_overlap=args.tool_overlap, ratio=ratio, **rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"rollout_bench{'_' * bool(args.tag)}{args.tag}.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -239,9 +239,10 @@ def timeline(engine, run):
     """Runs `run` under jax.profiler with each engine call annotated; returns, per kind of call (and for the
     loop's host work between calls), its count, wall time and the time the device was busy meanwhile.
 
-    Device busy = the union of GPU kernel intervals (on CPU: of the XLA thunks). A decode call holds the host
-    until its loop ends, so its idle time is the loop's own gaps; idle time in 'host' is the loop's Python
-    work with nothing queued on the device."""
+    Device busy = the union of GPU kernel intervals (on CPU: of the XLA thunks). On a GPU a decode call
+    returns once launched, so its wall time is the dispatch and 'fetch' is the wait for its result; idle time
+    in 'host' is the loop's Python work with nothing queued on the device. The profiler stretches each
+    dispatch (~10 ms instead of ~6 on an H100), so this run looks idler than an unprofiled one."""
     from jax._src.profiler import ProfileData
 
     names = ("decode", "prefill", "release", "fork", "rewind")

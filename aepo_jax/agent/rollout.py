@@ -313,8 +313,9 @@ class _Run:
         return calls
 
     def _append_results(self, submitted, next_decode=None) -> None:
-        """Waits for the tool calls and queues their results for the next decode call to append. The time the device sat idle meanwhile counts as tool wait: all of it without a decode call in
-        flight, else what is left after that call finished."""
+        """Waits for the tool calls and queues their results for the next decode call to append. The time the
+        device sat idle meanwhile counts as tool wait: all of it without a decode call in flight, else what is
+        left after that call finished."""
         for slot, call, future in submitted:
             outcome = self._wait(future, next_decode)
             traj = self.slot_of[slot]
@@ -456,7 +457,8 @@ class _Run:
             "rollout/decode_calls": float(self.stats["decode_calls"]),
             "rollout/decode_steps": float(self.stats["decode_steps"]),
             # sampled tokens per slot and decode step: how full the compiled batch was
-            "rollout/slot_use": self.stats["decode_tokens"] / max(self.stats["decode_steps"] * self.engine.num_slots, 1),
+            "rollout/slot_use": self.stats["decode_tokens"] / max(self.stats["decode_steps"]
+                                                                  * self.engine.num_slots, 1),
         }
 
 

@@ -40,7 +40,9 @@ device, and a decode's results come back, as one packed int32 array each (`packi
 compiles once per (rows, chunk, key-window) bucket, decode once per (output width, sampling mode); fork and
 release once per row bucket. Appends through the decode lane (lane_rows x lane_width tokens per step, static)
 compile nothing new. On an H100 the lane costs about what the prefill call it replaces does (docs/benchmarks.md,
-session 6): its rows gather their key windows and at 64 + 512 rows the GEMMs no longer cost only their weights.
+session 6): its rows gather their key windows and at 64 + 512 rows (8 x 64, the default then) the GEMMs no
+longer cost only their weights. On a GPU the decode's while loops run inside a CUDA graph, so a decode call
+returns once launched and the host can queue the next one (session 7).
 """
 
 from __future__ import annotations

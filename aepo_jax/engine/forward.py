@@ -114,8 +114,9 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
     `lane` appends chunks to other slots (ones with write=False) in the same pass: their tokens join the
     decode tokens in every projection and MLP product (the weights are read once for both) and attend as a
     prefill does (see `prefill_chunk`, key window max_len). Not free: on an H100, 512 appended tokens make a
-    step cost about what a separate prefill of them does (docs/benchmarks.md, session 6). Returns the final normed hidden states [S, H], that of each
-    lane row's last real token [R, H] (None without a lane), and the new key / value buffers.
+    step cost about what a separate prefill of them does (docs/benchmarks.md, session 6). Returns the final
+    normed hidden states [S, H], that of each lane row's last real token [R, H] (None without a lane), and
+    the new key / value buffers.
     """
     _check_impl(impl, layout)
     return _run_layers(model, keys, values, (tokens, lengths, write), lane, layout,
@@ -187,8 +188,7 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
             else:
                 outs.append(attention(q_s, layer_k, layer_v, slot_mask, layout, scale))
         if chunk is not None:
-            k_win, v_win = _rows_window(layer_k, chunk.rows, window, layout), _rows_window(layer_v, chunk.rows,
-                                                                                        window, layout)
+            k_win, v_win = (_rows_window(buf, chunk.rows, window, layout) for buf in (layer_k, layer_v))
             if impl == "cudnn":
                 out = jax.nn.dot_product_attention(q_c, k_win.astype(q.dtype), v_win.astype(q.dtype),
                                                    mask=chunk_mask[:, None], scale=scale, implementation="cudnn")
