@@ -188,7 +188,9 @@ def main(argv=None):
               f"{b['decode_ms_per_step']:.2f} ms/step, slot use {b['slot_use']:.1%}), prefill {b['prefill_s']:.2f} s "
               f"in {b['prefill_calls']} calls ({b['prefill_slow_calls']} over 1 s), host {b['host_s']:.2f} s; "
               f"per round: decode {b['decode_ms_per_call']:.1f} ms, prefill {b['prefill_ms_per_call']:.1f} ms, "
-              f"host {b['host_ms_per_round']:.1f} ms")
+              f"host {b['host_ms_per_round']:.1f} ms; fit per decode call: {b['fit_ms_per_step']:.2f} ms per step "
+              f"+ {b['fit_ms_per_lane_step']:.2f} ms per lane step ({b['lane_steps']} in all) + "
+              f"{b['fit_ms_per_sampled_token']:.3f} ms per sampled token + {b['fit_ms_per_call']:.2f} ms")
     if args.timeline:
         t = rows["timeline"]
         print(f"timeline (profiled run, {t['wall_ms']:.0f} ms, device busy {t['busy_ms']:.0f} ms = "
@@ -312,8 +314,25 @@ def timeline(engine, run):
                 kernel_ms_by_module=dict(sorted(by_module.items(), key=lambda kv: -kv[1])))
 
 
+def lane_steps(sizes, rows: int, width: int, capacity: int) -> int:
+    """Decode steps a call spends absorbing appends of these sizes (in slot order) through a lane of `rows` x
+    `width` tokens (`engine._lane`: each step, the lowest slots with tokens left take `width` more); appends
+    longer than `capacity` are prefilled instead."""
+    left = [n for n in sizes if n <= capacity] if rows else []
+    steps = 0
+    while any(left):
+        taken = [i for i, n in enumerate(left) if n > 0][:rows]
+        for i in taken:
+            left[i] = max(0, left[i] - width)
+        steps += 1
+    return steps
+
+
 def breakdown(engine, run, batch):
-    """Runs `run` with the engine's decode and prefill synchronised and timed (measurement only)."""
+    """Runs `run` with the engine's decode and prefill synchronised and timed (measurement only), and fits
+    each decode call's time (least squares) as ms_per_step x steps + ms_per_lane_step x lane steps +
+    ms_per_sampled_token x sampled tokens (the running slots' cache reads) + ms_per_call."""
+    spec = engine._spec
     calls = []
     prefill_s = [0.0]  # running total, so that a decode call's own prefill (a long append) counts once
 
@@ -323,7 +342,10 @@ def breakdown(engine, run, batch):
             res = fn(*a, **k)
             jax.block_until_ready(res.output)
             seconds = time.perf_counter() - t0 - (prefill_s[0] - before)
-            calls.append(("decode", seconds, int(res.steps), int(res.counts.sum())))
+            appends = k.get("appends") or {}
+            lanes = lane_steps([len(appends[s]) for s in sorted(appends)], spec.lane_rows, spec.lane_width,
+                               engine.lane_capacity)
+            calls.append(("decode", seconds, int(res.steps), int(res.counts.sum()), lanes))
             return res
 
         def prefill(slots, chunks, **k):
@@ -343,7 +365,12 @@ def breakdown(engine, run, batch):
     pre = [c for c in calls if c[0] == "prefill"]
     decode_s, prefill_s = sum(c[1] for c in dec), sum(c[1] for c in pre)
     steps, sampled = sum(c[2] for c in dec), sum(c[3] for c in dec)
-    return dict(seconds=seconds, tokens_per_s=tokens_per_s, decode_calls=len(dec), decode_s=decode_s,
+    terms = np.array([[c[2], c[4], c[3], 1.0] for c in dec]).reshape(-1, 4)
+    fit = np.linalg.lstsq(terms, 1e3 * np.array([c[1] for c in dec]), rcond=None)[0] if len(dec) >= 4 else [0.0] * 4
+    return dict(fit_ms_per_step=float(fit[0]), fit_ms_per_lane_step=float(fit[1]),
+                fit_ms_per_sampled_token=float(fit[2]), fit_ms_per_call=float(fit[3]),
+                lane_steps=int(terms[:, 1].sum()),
+                seconds=seconds, tokens_per_s=tokens_per_s, decode_calls=len(dec), decode_s=decode_s,
                 decode_steps=steps, decode_ms_per_step=1e3 * decode_s / max(steps, 1),
                 slot_use=sampled / max(steps * batch, 1), prefill_calls=len(pre), prefill_s=prefill_s,
                 prefill_slow_calls=sum(c[1] > 1.0 for c in pre), prefill_tokens=sum(c[3] for c in pre),

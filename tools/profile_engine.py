@@ -1,7 +1,7 @@
 """Where one engine call's GPU time goes: time it, trace a few, sum kernel time per HLO op.
 
   python tools/profile_engine.py [--preset 1.7b --slots 64 --max_len 1344 --start 600] prefill [--rows 16 --chunk 60]
-  python tools/profile_engine.py [...] decode [--steps 16]
+  python tools/profile_engine.py [...] decode [--steps 16 --appends 0 --chunk 60]
   python tools/profile_engine.py [...] decode_calls   # wall time of one decode call vs its step count
 
 `decode_calls` times whole decode calls of 1, 2, 4, ..., 64 steps (the rollout's call width, 64) without the
@@ -9,7 +9,9 @@ profiler and fits wall = fixed + per_step x steps: the fixed part is what each r
 
 Random bf16 weights. Every slot first holds `start` tokens. `prefill` appends a chunk of `chunk` tokens to
 `rows` slots (a round of tool results in the rollout loop), then rewinds them, so every timed call sees the
-same shapes; `decode` runs `steps` decode steps of all slots, then rewinds them. Kernel time per category and
+same shapes; `decode` runs `steps` decode steps of all slots, then rewinds them (with --appends N, N of them
+first idle and get a chunk appended through the call's lane: the lane's cost is the difference to N = 0).
+Kernel time per category and
 the top ops as in tools/profile_train_step.py (same trace reading and HLO mapping); with $OUT set, the
 per-op table goes to $OUT/profile_engine_<call>.json.
 """
@@ -50,6 +52,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--chunk", type=int, default=60)
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--appends", type=int, default=0,
+                   help="decode: this many slots (idle first) get a chunk of --chunk tokens appended in the call")
     p.add_argument("--attention", default=None)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--trace_calls", type=int, default=3)
@@ -69,7 +73,7 @@ def main(argv=None):
     if args.call == "decode_calls":
         return decode_calls(engine, slots, args.start, args.repeats)
     rows = slots[:args.rows]
-    chunks = rng.integers(0, config.vocab_size, (args.rows, args.chunk)).tolist()
+    chunks = rng.integers(0, config.vocab_size, (max(args.rows, args.appends), args.chunk)).tolist()
     recorded = {}
     jitted = engine._prefill if args.call == "prefill" else engine._decode
     name = "_prefill" if args.call == "prefill" else "_decode"
@@ -85,7 +89,10 @@ def main(argv=None):
             engine.prefill(rows, chunks)
             engine.rewind(rows, args.start, seed=0)
         else:
-            engine.decode(args.steps, wait_fraction=1.0)
+            idle = slots[:args.appends]
+            if idle:
+                engine.rewind(idle, args.start, seed=0)
+            engine.decode(args.steps, wait_fraction=1.0, appends={s: c for s, c in zip(idle, chunks)})
             engine.rewind(slots, args.start, seed=0)
             engine.prefill(slots, [[1]] * args.slots)  # the slots run again from position start
         jax.block_until_ready(engine.state.lengths)
@@ -106,7 +113,7 @@ def main(argv=None):
             call()
     rows_out, by_cat, busy = op_table(trace_dir, text, args.trace_calls, module_filter=args.call)
     what = (f"prefill {args.rows} rows x {args.chunk} tokens" if args.call == "prefill"
-            else f"decode {args.steps} steps x {args.slots} slots")
+            else f"decode {args.steps} steps x {args.slots} slots, {args.appends} x {args.chunk} appended")
     summary = dict(device=jax.devices()[0].device_kind, call=what, attention=engine.attention, start=args.start,
                    ms_call_incl_rewind=statistics.median(times) * 1e3, kernel_ms_per_call=busy,
                    first_call_s=first_call_s,

@@ -190,6 +190,17 @@ def test_fewer_slots_than_trajectories_still_gives_k(world):
     assert [len(g) for g in result.groups] == [4, 4, 4]
 
 
+def test_benchmark_lane_steps_follow_the_engine_lane():
+    """Hand-computed: the lowest slots with tokens left take `width` more per step, `rows` at a time; appends
+    over the capacity are prefilled (no lane step)."""
+    from tools.benchmark_rollout import lane_steps
+    # [60, 130, 10] through 2 x 64: [0, 66, 10] -> [0, 2, 0] -> [0, 0, 0]; the 300-token append is prefilled
+    assert lane_steps([60, 130, 10, 300], rows=2, width=64, capacity=256) == 3
+    assert lane_steps([60, 60, 60, 60, 60], rows=4, width=64, capacity=256) == 2
+    assert lane_steps([60, 60], rows=0, width=64, capacity=0) == 0
+    assert lane_steps([], rows=4, width=64, capacity=256) == 0
+
+
 @pytest.mark.parametrize("lane_rows,overlap", [(4, True), (0, False)])
 def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_rows, overlap):
     """tools/benchmark_rollout.py end to end on CPU: its tool stops fire, every figure it reports exists, the
@@ -217,6 +228,12 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     assert sum(c[1] for c in b["calls"]) <= b["seconds"]  # a prefill inside a decode call counts once
     sampled = sum(c[3] for c in b["calls"] if c[0] == "decode")
     assert sampled == pytest.approx(b["tokens_per_s"] * b["seconds"], rel=1e-6)
+    # lane steps: tool results went through the lane (or none, without one); the least-squares fit of the decode
+    # calls' times has an intercept, so its predictions add up to their measured total
+    assert b["lane_steps"] > 0 if lane_rows else b["lane_steps"] == 0
+    predicted = (b["fit_ms_per_step"] * b["decode_steps"] + b["fit_ms_per_lane_step"] * b["lane_steps"]
+                 + b["fit_ms_per_sampled_token"] * sampled + b["fit_ms_per_call"] * b["decode_calls"])
+    assert predicted == pytest.approx(1e3 * b["decode_s"], rel=1e-6)
     # the timed run's own counts (same seed: the same calls on the CPU) and its host time inside engine calls
     assert metrics["rollout/decode_steps"] == b["decode_steps"]
     assert metrics["rollout/slot_use"] == pytest.approx(b["slot_use"])

@@ -581,6 +581,24 @@ def test_profile_script_attributes_a_prefill_to_its_ops(tmp_path, monkeypatch):
     assert any("forward.py" in op.get("stack", "") for op in ops)  # ops map back to the engine's source
 
 
+def test_profile_engine_decode_with_appends_runs_the_lane(tmp_path, monkeypatch):
+    """tools/profile_engine.py decode --appends on CPU: the traced call gathers the appended rows' key windows
+    (the lane's attention, `forward._rows_window`); without appends it does not."""
+    import json
+
+    from tools import profile_engine
+    monkeypatch.setenv("OUT", str(tmp_path))
+    stacks = {}
+    for appends in (0, 2):
+        summary = profile_engine.main(["decode", "--preset", "tiny", "--slots", "4", "--max_len", "128", "--start",
+                                       "40", "--steps", "2", "--appends", str(appends), "--chunk", "10",
+                                       "--repeats", "1", "--trace_calls", "1"])
+        assert summary["call"] == f"decode 2 steps x 4 slots, {appends} x 10 appended"
+        ops = json.loads((tmp_path / "profile_engine_decode.json").read_text())["ops"]
+        stacks[appends] = " ".join(op.get("stack", "") for op in ops)
+    assert "_rows_window" in stacks[2] and "_rows_window" not in stacks[0]
+
+
 def test_profile_engine_decode_calls_fits_a_per_step_cost(tmp_path, monkeypatch):
     """tools/profile_engine.py decode_calls on CPU: a call of more steps costs more, and the fitted line
     reproduces the measured times."""
