@@ -314,25 +314,10 @@ def timeline(engine, run):
                 kernel_ms_by_module=dict(sorted(by_module.items(), key=lambda kv: -kv[1])))
 
 
-def lane_steps(sizes, rows: int, width: int, capacity: int) -> int:
-    """Decode steps a call spends absorbing appends of these sizes (in slot order) through a lane of `rows` x
-    `width` tokens (`engine._lane`: each step, the lowest slots with tokens left take `width` more); appends
-    longer than `capacity` are prefilled instead."""
-    left = [n for n in sizes if n <= capacity] if rows else []
-    steps = 0
-    while any(left):
-        taken = [i for i, n in enumerate(left) if n > 0][:rows]
-        for i in taken:
-            left[i] = max(0, left[i] - width)
-        steps += 1
-    return steps
-
-
 def breakdown(engine, run, batch):
     """Runs `run` with the engine's decode and prefill synchronised and timed (measurement only), and fits
     each decode call's time (least squares) as ms_per_step x steps + ms_per_lane_step x lane steps +
     ms_per_sampled_token x sampled tokens (the running slots' cache reads) + ms_per_call."""
-    spec = engine._spec
     calls = []
     prefill_s = [0.0]  # running total, so that a decode call's own prefill (a long append) counts once
 
@@ -342,10 +327,7 @@ def breakdown(engine, run, batch):
             res = fn(*a, **k)
             jax.block_until_ready(res.output)
             seconds = time.perf_counter() - t0 - (prefill_s[0] - before)
-            appends = k.get("appends") or {}
-            lanes = lane_steps([len(appends[s]) for s in sorted(appends)], spec.lane_rows, spec.lane_width,
-                               engine.lane_capacity)
-            calls.append(("decode", seconds, int(res.steps), int(res.counts.sum()), lanes))
+            calls.append(("decode", seconds, int(res.steps), int(res.counts.sum()), int(res.lane_steps)))
             return res
 
         def prefill(slots, chunks, **k):

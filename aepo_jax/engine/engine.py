@@ -68,6 +68,8 @@ RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 REASONS = {RUNNING: None, EOS: "eos", STOP: "stop", LENGTH: "length"}
 # Per-slot settings a prefill sets (a fresh slot always; an appended-to one where given).
 SETTINGS = ("temperature", "top_p", "top_k", "limit", "stops", "eos_stop")
+# DecodeOutput fields that are one number per call (packed as a column repeated on every row).
+SCALAR_RESULTS = ("steps", "lane_steps")
 
 
 @jax.tree_util.register_dataclass
@@ -107,6 +109,7 @@ class DecodeOutput:
     stop_id: Array     # [S] int32 stop-string index when reason == STOP, else -1
     lengths: Array     # [S] int32 slot lengths after the call
     steps: Array       # [] int32 decode steps run
+    lane_steps: Array  # [] int32 steps that absorbed appended tokens through the lane (some also sampled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,7 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
         hidden=state.hidden, history=restarted["history"], running=restarted["running"] & ~at_limit,
         reason=jnp.where(at_limit, LENGTH, restarted["reason"]), stop_id=restarted["stop_id"], stopped=at_limit,
         absorbed=jnp.zeros((num_slots,), jnp.int32), counts=jnp.zeros((num_slots,), jnp.int32),
+        lane_steps=jnp.int32(0),
         tokens=jnp.full((num_slots, width), -1, jnp.int32),
         logprobs=jnp.zeros((num_slots, width), jnp.float32),
         entropies=jnp.zeros((num_slots, width), jnp.float32),
@@ -257,6 +261,7 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
             hidden=hidden, history=history, running=c["running"] & ~done,
             reason=jnp.where(done, why, c["reason"]), stop_id=jnp.where(hit, which, c["stop_id"]),
             stopped=c["stopped"] | done, absorbed=absorbed, counts=c["counts"] + run.astype(jnp.int32),
+            lane_steps=c["lane_steps"] + int(lane),
             tokens=col(c["tokens"], tok), logprobs=col(c["logprobs"], logp),
             entropies=col(c["entropies"], ent),
         )
@@ -282,7 +287,7 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
         history=c["history"], running=c["running"], reason=c["reason"], stop_id=c["stop_id"])
     out = DecodeOutput(tokens=c["tokens"], logprobs=c["logprobs"], entropies=c["entropies"],
                        counts=c["counts"], stopped=c["stopped"], reason=c["reason"], stop_id=c["stop_id"],
-                       lengths=c["lengths"], steps=c["step"])
+                       lengths=c["lengths"], steps=c["step"], lane_steps=c["lane_steps"])
     fields = _result_fields(out)
     if packing.layout(fields) != _result_layout(width):  # trace time: the host unpacks with _result_layout
         raise AssertionError(f"decode result layout {packing.layout(fields)} != {_result_layout(width)}")
@@ -303,10 +308,11 @@ def _lane(spec: _Spec, pending, pending_len, absorbed, lengths) -> forward.Chunk
 
 
 def _result_fields(out: DecodeOutput) -> dict:
-    """A decode result's fields as per-row arrays (the step count repeated on every row), for `packing`."""
+    """A decode result's fields as per-row arrays (the step counts repeated on every row), for `packing`."""
     fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
     xp = np if isinstance(out.counts, np.ndarray) else jnp
-    fields["steps"] = xp.broadcast_to(out.steps, out.counts.shape)
+    for name in SCALAR_RESULTS:
+        fields[name] = xp.broadcast_to(fields[name], out.counts.shape)
     return fields
 
 
@@ -317,7 +323,7 @@ def _result_layout(width: int):
     return packing.layout(_result_fields(DecodeOutput(
         tokens=row(np.int32, width), logprobs=row(np.float32, width), entropies=row(np.float32, width),
         counts=row(np.int32), stopped=row(np.bool_), reason=row(np.int32), stop_id=row(np.int32),
-        lengths=row(np.int32), steps=np.zeros((), np.int32))))
+        lengths=row(np.int32), **{name: np.zeros((), np.int32) for name in SCALAR_RESULTS})))
 
 
 def _fork_impl(spec: _Spec, state: EngineState, src, dst, same_key, fork_ids):
@@ -355,7 +361,7 @@ class DecodeResult:
 
     `output` is the call's packed int32 device array (the call is asynchronous); any other attribute fetches
     it once (one transfer) and unpacks the `DecodeOutput` fields as numpy arrays: tokens / logprobs /
-    entropies [S, W], counts, stopped, reason, stop_id, lengths [S], steps (a scalar).
+    entropies [S, W], counts, stopped, reason, stop_id, lengths [S], steps and lane_steps (scalars).
     """
 
     def __init__(self, engine: "Engine", output: Array, width: int, version: int):
@@ -368,7 +374,8 @@ class DecodeResult:
     def fetch(self) -> "DecodeResult":
         if self._host is None:
             self._host = packing.unpack(np.asarray(jax.device_get(self.output)), _result_layout(self._width))
-            self._host["steps"] = self._host["steps"][0]
+            for name in SCALAR_RESULTS:
+                self._host[name] = self._host[name][0]
             self.__dict__.update(self._host)  # later reads are plain attributes, not __getattr__ calls
             self._engine._learn_lengths(self._host["lengths"], self._host["reason"], self._version)
         return self

@@ -190,17 +190,6 @@ def test_fewer_slots_than_trajectories_still_gives_k(world):
     assert [len(g) for g in result.groups] == [4, 4, 4]
 
 
-def test_benchmark_lane_steps_follow_the_engine_lane():
-    """Hand-computed: the lowest slots with tokens left take `width` more per step, `rows` at a time; appends
-    over the capacity are prefilled (no lane step)."""
-    from tools.benchmark_rollout import lane_steps
-    # [60, 130, 10] through 2 x 64: [0, 66, 10] -> [0, 2, 0] -> [0, 0, 0]; the 300-token append is prefilled
-    assert lane_steps([60, 130, 10, 300], rows=2, width=64, capacity=256) == 3
-    assert lane_steps([60, 60, 60, 60, 60], rows=4, width=64, capacity=256) == 2
-    assert lane_steps([60, 60], rows=0, width=64, capacity=0) == 0
-    assert lane_steps([], rows=4, width=64, capacity=256) == 0
-
-
 @pytest.mark.parametrize("lane_rows,overlap", [(4, True), (0, False)])
 def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_rows, overlap):
     """tools/benchmark_rollout.py end to end on CPU: its tool stops fire, every figure it reports exists, the

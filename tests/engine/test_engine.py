@@ -361,6 +361,9 @@ def test_appends_inside_decode_equal_prefilling_them_first(env):
         np.testing.assert_allclose(a2.new_entropies(s), b2.new_entropies(s), atol=1e-5)
         assert a2.finish_reason(s) == b2.finish_reason(s) == "length"
     np.testing.assert_array_equal(a2.lengths, b2.lengths)
+    # lane steps, by hand: chunks of 9, 3, 5, 2 tokens (slots 0, 1, 3, 5; slot 2's 12 > capacity 10 is
+    # prefilled) through 2 rows x 4 tokens, lowest slots first: [5, 0, 5, 2] -> [1, 0, 1, 2] -> [0, 0, 0, 2] -> 0
+    assert a2.lane_steps == 4 and b2.lane_steps == 0 and a1.lane_steps == 0
     # the budget counts appended tokens: slot 2 samples 6, gets 12 appended (by a prefill), samples 12
     assert a2.counts[5] == 0 and a2.counts[4] == 30 - 6 and a2.counts[2] == 30 - 6 - 12
 
