@@ -34,7 +34,7 @@ PY
 }
 case "${1:-rollout}" in
 rollout)
-  run 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py tests/engine/test_engine.py \
+  run 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py tests/engine/test_engine.py tests/engine/test_forward.py \
     -k "cudnn or bf16"
   for attention in cudnn xla; do
     run 240 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
@@ -48,7 +48,7 @@ rollout_policy)  # the loop's wait policy and continuous refill (4 waves of 64 t
     --tool_every 64 --waves 4 --warmups 2 --repeats 2 --tag waves4
   ;;
 lane)  # tool results appended inside the decode loop (lane rows x width per step) against prefill calls (0)
-  run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py -k "cudnn or bf16"
+  run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py tests/engine/test_forward.py -k "cudnn or bf16"
   for lane in ${LANES:-8x64 0x64}; do
     run 280 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
       --tool_every 64 --warmups 2 --repeats 2 --breakdown --lane_rows ${lane%x*} --lane_width ${lane#*x} --tag lane$lane
@@ -56,7 +56,7 @@ lane)  # tool results appended inside the decode loop (lane rows x width per ste
   ;;
 overlap)  # the loop's two orders (sync: wait for the tools, then decode; overlap: the next decode call is queued
            # before the last one's result is read) per wait fraction, RUNS="sync:0.25 overlap:0.25 ..."
-  [ -n "${TESTS-1}" ] && run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py -k "cudnn or bf16"
+  [ -n "${TESTS-1}" ] && run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py tests/engine/test_forward.py -k "cudnn or bf16"
   for r in ${RUNS:-sync:0.25 overlap:0.125}; do
     mode=${r%:*}; fraction=${r#*:}
     run 200 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \

@@ -37,12 +37,14 @@ cache once (attention="cudnn": only its valid prefix, and nothing for a stopped 
 slot's whole max_len), writes one KV row per running slot in place (the compiled loop holds no copy of a cache
 buffer: `hlo.cache_copies`), and computes logits only for the [S] last tokens. A prefill's arguments go to the
 device, and a decode's results come back, as one packed int32 array each (`packing`: one transfer). Prefill
-compiles once per (rows, chunk, key-window) bucket, decode once per (output width, sampling mode); fork and
-release once per row bucket. Appends through the decode lane (lane_rows x lane_width tokens per step, static)
-compile nothing new. On an H100 the lane costs about what the prefill call it replaces does (docs/benchmarks.md,
-session 6): its rows gather their key windows and at 64 + 512 rows (8 x 64, the default then) the GEMMs no
-longer cost only their weights. On a GPU the decode's while loops run inside a CUDA graph, so a decode call
-returns once launched and the host can queue the next one (session 7).
+compiles once per (rows, chunk) bucket (and key window with "xla" attention), decode once per (output width,
+sampling mode, appends or not: a call with appends runs the executable with the lane loop; session 9); fork
+and release once per row bucket. Appends through the decode lane (lane_rows x lane_width tokens per step,
+static) compile nothing new. On an H100 the lane costs about what the prefill call it replaces does
+(docs/benchmarks.md, session 6): at 64 + 512 rows (8 x 64, the default then) the GEMMs no longer cost only their
+weights. With "cudnn" attention appended rows read their slot's cache in place as pages (the buffers' length
+is max_len rounded up to whole pages, `forward.cache_length`). On a GPU the decode's while loops run inside a
+CUDA graph, so a decode call returns once launched and the host can queue the next one (session 7).
 """
 
 from __future__ import annotations
@@ -187,9 +189,11 @@ def _prefill_impl(spec: _Spec, weights, state: EngineState, packed, *, layout, w
 
 
 def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waiting, wait_fraction, appends, *,
-                 width: int, greedy_only: bool, candidates: int):
+                 width: int, greedy_only: bool, candidates: int, lane: bool):
     """appends [S, 1 + capacity] int32: per slot the number of tokens to append, then the tokens. A slot with
-    tokens to append first absorbs them (see `_lane`), then samples like the others."""
+    tokens to append first absorbs them (see `_lane`), then samples like the others. lane=False compiles no
+    lane loop, for calls without appends: on an H100, with the lane loop in the same program the plain decode
+    steps took 3.505 instead of 3.376 ms (cause not found; docs/benchmarks.md, session 9)."""
     model = _model(spec, weights)
     num_slots = state.lengths.shape[0]
     table, valid, owner = (np.asarray(a) for a in spec.stop_table)
@@ -276,7 +280,7 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
         return c
 
     c = init
-    if spec.lane_rows:
+    if lane:
         # First the steps that absorb appended tokens, sampling alongside while the call should go on,
         # until every append is in (so none is left for the next call); then plain decode steps.
         c = lax.while_loop(lambda c: jnp.any(c["absorbed"] < pending_len),
@@ -516,7 +520,7 @@ class Engine:
                                       for a in (self.stop_table.table, self.stop_table.valid,
                                                 self.stop_table.owner)),
                      key_impl=key_impl, seed=int(seed), attention=attention, unroll=int(unroll),
-                     lane_rows=int(lane_rows), lane_width=int(min(lane_width, max_len)))
+                     lane_rows=int(min(lane_rows, num_slots)), lane_width=int(min(lane_width, max_len)))
         self._spec = spec
         # XLA:GPU merges matmuls that share an input (the MLP's gate and up projections) by concatenating
         # their weights. In the decode loop the concatenation fuses into the GEMM; a prefill's cuBLAS GEMMs
@@ -534,8 +538,8 @@ class Engine:
         self._prefill = jax.jit(functools.partial(_prefill_impl, spec), static_argnames=("layout", "window"),
                                 donate_argnums=(1,), compiler_options=prefill_options)
         self._decode = jax.jit(functools.partial(_decode_impl, spec),
-                               static_argnames=("width", "greedy_only", "candidates"), donate_argnums=(1,),
-                               compiler_options=decode_options)
+                               static_argnames=("width", "greedy_only", "candidates", "lane"),
+                               donate_argnums=(1,), compiler_options=decode_options)
         self._fork = jax.jit(functools.partial(_fork_impl, spec), donate_argnums=(0,))
         self._release = jax.jit(_release_impl, donate_argnums=(0,))
         self._rewind = jax.jit(functools.partial(_rewind_impl, spec), donate_argnums=(0,))
@@ -554,7 +558,7 @@ class Engine:
 
     def _initial_state(self, key_impl) -> EngineState:
         c, s = self.config, self.num_slots
-        shape = forward.cache_shape(c, s, self.max_len, self.layout)
+        shape = forward.cache_shape(c, s, forward.cache_length(self.max_len, self.attention), self.layout)
         key = jax.random.key(0, impl=key_impl) if key_impl else jax.random.key(0)
         key_data = jax.random.key_data(key)
         return EngineState(
@@ -715,9 +719,10 @@ class Engine:
                 raise ValueError(f"prefill: the prompt of {sizes[i]} tokens for slot {s} is longer than its "
                                  f"max_length={lim}")
         # Everything is valid: build the padded call.
-        rows_b = self._row_bucket(n)
+        rows_b = min(self._row_bucket(n), self.num_slots)  # no more rows than slots (see forward.table_rows)
         width = self._bucket(int(sizes.max()))
-        window = self._bucket(int((starts + sizes).max()))
+        # the xla attention's key window (cudnn reads each slot's prefix in place: one executable for all)
+        window = self._bucket(int((starts + sizes).max())) if self.attention == "xla" else None
         tokens = np.zeros((rows_b, width), np.int32)
         for i, c in enumerate(chunks):
             tokens[i, :c.size] = c
@@ -771,7 +776,7 @@ class Engine:
         if not 0.0 <= wait_fraction <= 1.0:
             raise ValueError(f"decode: wait_fraction must be in [0, 1], got {wait_fraction}")
         packed = self._pack_appends(dict(appends or {}))
-        static = self._decode_static(max_steps)
+        static = self._decode_static(max_steps, lane=bool(packed[:, 0].any()))
         self.state, out = self._decode(self._weights, self.state, np.int32(max_steps), np.int32(min_waiting),
                                        np.float32(wait_fraction), packed, **static)
         self._version += 1
@@ -801,16 +806,18 @@ class Engine:
                 packed[s, 1:1 + c.size] = c
         return packed
 
-    def _decode_static(self, max_steps: int) -> dict:
+    def _decode_static(self, max_steps: int, lane: bool) -> dict:
         greedy_only, candidates = sampling.sampling_mode(
             [p for p, o in zip(self._sampling, self._occupied) if o and p is not None],
             self.config.vocab_size)
-        return dict(width=max(8, _next_pow2(max_steps)), greedy_only=greedy_only, candidates=candidates)
+        return dict(width=max(8, _next_pow2(max_steps)), greedy_only=greedy_only, candidates=candidates,
+                    lane=bool(self._spec.lane_rows) and lane)
 
-    def decode_hlo(self, max_steps: int = 16) -> str:
-        """Optimised HLO text of the decode executable `decode(max_steps)` would run now (no state change)."""
+    def decode_hlo(self, max_steps: int = 16, *, lane: bool = False) -> str:
+        """Optimised HLO text of the decode executable `decode(max_steps)` would run now (no state change);
+        lane=True: that of a call with appends (its lane loop compiled in, when the engine has a lane)."""
         lowered = self._decode.lower(self._weights, self.state, np.int32(max_steps), np.int32(1),
-                                     np.float32(0.0), self._pack_appends({}), **self._decode_static(max_steps))
+                                     np.float32(0.0), self._pack_appends({}), **self._decode_static(max_steps, lane))
         return lowered.compile().as_text()
 
     def cache_buffer_shape(self) -> tuple[int, ...]:

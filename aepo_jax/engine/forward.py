@@ -14,11 +14,14 @@ A decode step scatters one key / value row per running slot and attends in place
                    every layer's cache every step (measured: 112 cache-sized transposes in the loop).
   "cudnn"          `jax.nn.dot_product_attention(implementation="cudnn")` on the "bshd" buffer (its BTNH
                    layout) with per-slot key lengths, so each slot reads only its valid prefix.
-A prefill gathers only the rows it appends to, up to a static key window. Its queries start at each slot's
-own offset, which cuDNN's top-left causal mask cannot express, so the mask [R, T, window] is explicit: the
-einsum attention applies it to float32 scores; "cudnn" passes it as an additive bias to the fused kernel
-(no [R, heads, T, window] float32 scores in memory). A decode step can carry such chunks too (its "lane":
-tool results appended while the other slots decode), in the same flat batch of rows as its decode tokens.
+A prefill appends chunks to some slots; its queries start at each slot's own offset, which cuDNN's top-left
+causal mask cannot express. The "xla" attention gathers the rows' first `window` positions and applies the
+offset-causal mask [R, T, window] to float32 scores. "cudnn" splits each row's keys in two: the slot's
+cache prefix [0, start), read in place as pages by cuDNN paged attention with a padding mask, and the chunk's
+own keys, causal (cuDNN's top-left mask is exact there); the two outputs are merged through their
+log-sum-exps (`merge_partial_attention`). No window is gathered and no mask tensor exists. A decode step can
+carry such chunks too (its "lane": tool results appended while the other slots decode), in the same flat
+batch of rows as its decode tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ import jax.numpy as jnp
 Array = jax.Array
 LAYOUTS = ("bshd", "bhsd")
 _F32 = jnp.float32
+PAGE = 64  # positions per page when cuDNN reads the cache as pages (cuDNN needs a power of two)
+
+
+def cache_length(max_len: int, impl: str) -> int:
+    """Positions per slot in the cache buffers: max_len, rounded up to whole pages for "cudnn" attention."""
+    return -(-max_len // PAGE) * PAGE if impl == "cudnn" else max_len
 
 
 def cache_shape(config, num_slots: int, max_len: int, layout: str) -> tuple[int, ...]:
@@ -75,6 +84,72 @@ def attention(q: Array, k: Array, v: Array, mask: Array, layout: str, scale: flo
     return out.astype(dtype).reshape(b, t, n, d)
 
 
+def merge_partial_attention(o1: Array, lse1: Array, o2: Array, lse2: Array) -> Array:
+    """Attention over the union of two disjoint key sets, from each set's own attention.
+
+    o_i [B, T, N, D]: softmax-weighted values over key set i; lse_i [B, N, T]: the log-sum-exp of its
+    scaled scores (-inf: no keys). With l = logaddexp(lse1, lse2), the softmax over the union is
+        out = exp(lse1 - l) o1 + exp(lse2 - l) o2
+    (the split-key combine of FlashAttention-2 / flash-decoding: exact up to rounding). float32 result; the
+    second set must have keys (l finite), and o1 must be finite where lse1 = -inf.
+    """
+    l = jnp.logaddexp(lse1, lse2)
+    w1, w2 = (jnp.exp(lse - l).transpose(0, 2, 1)[..., None] for lse in (lse1, lse2))
+    return w1 * o1.astype(_F32) + w2 * o2.astype(_F32)
+
+
+def page_table(rows: Array, num_slots: int, length: int, num_rows: int) -> Array:
+    """cuDNN paged-attention table [num_rows, 1, P, 1] into a cache [num_slots, length, ...] read as
+    num_slots * length / PAGE pages of PAGE positions: entry j of row r is page j of slot rows[r] (clipped:
+    entries past the slot's last page repeat it and are never read, as key lengths stop within the slot).
+    jax's wrapper needs num_rows * P = every page, so P = num_slots * length / (PAGE * num_rows); rows
+    past len(rows) (padding) read slot 0."""
+    per_slot = length // PAGE
+    per_row = num_slots * per_slot // num_rows
+    slot = jnp.zeros((num_rows,), jnp.int32).at[:rows.shape[0]].set(jnp.minimum(rows, num_slots - 1))
+    table = slot[:, None] * per_slot + jnp.minimum(jnp.arange(per_row, dtype=jnp.int32), per_slot - 1)
+    return table[:, None, :, None]
+
+
+def table_rows(num_rows: int, num_slots: int, length: int) -> int:
+    """The smallest row count >= num_rows that divides the cache's page count (see `page_table`); num_rows <=
+    num_slots always has one (num_slots divides the page count)."""
+    pages = num_slots * (length // PAGE)
+    if num_rows > num_slots:
+        raise ValueError(f"cuDNN chunk attention: {num_rows} rows for a cache of {num_slots} slots")
+    return next(n for n in range(num_rows, pages + 1) if pages % n == 0)
+
+
+def chunk_attention_cudnn(q: Array, k_new: Array, v_new: Array, layer_k: Array, layer_v: Array, starts: Array,
+                          table: Array, scale: float) -> Array:
+    """cuDNN attention of chunk rows (bshd cache): queries q [R, T, N, D] at positions starts[r] + t attend to
+    their slot's cache prefix [0, starts[r]) and causally to the chunk's own keys / values k_new, v_new
+    [R, T, K, D] (already written to the cache; padding tokens are only seen by padding queries).
+
+    Two fused calls, merged by `merge_partial_attention`: paged attention over the prefix, reading the cache
+    in place through `table` (`page_table`, possibly more rows than R) with key lengths starts; causal
+    attention of the chunk over itself. jax has no public paged attention yet: this uses
+    jax._src.cudnn.fused_attention_stablehlo (present in jax 0.10 and 0.11)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    r, t = q.shape[:2]
+    num_rows, length = table.shape[0], layer_k.shape[1]
+    pages = layer_k.shape[0] * length // PAGE
+    q_rows = jnp.pad(q, ((0, num_rows - r), (0, 0), (0, 0), (0, 0)))
+    has_prefix = jnp.pad(starts > 0, (0, num_rows - r))
+    prefix, lse1 = cudnn_attention.paged_attention(
+        q_rows, *(buf.astype(q.dtype).reshape((pages, PAGE) + buf.shape[2:]) for buf in (layer_k, layer_v)),
+        jnp.full((num_rows,), t, jnp.int32), jnp.maximum(jnp.pad(starts, (0, num_rows - r)), 1).astype(jnp.int32),
+        table, table, scale=scale, mask_type=cudnn_attention.MaskType.PADDING, return_residual=True)
+    own, lse2 = cudnn_attention.dot_product_attention(
+        q, k_new.astype(layer_k.dtype).astype(q.dtype), v_new.astype(layer_v.dtype).astype(q.dtype), scale=scale,
+        mask_type=cudnn_attention.MaskType.CAUSAL, return_residual=True)
+    # a fresh slot (start 0) has no prefix: its paged call read one unrelated key, weighted 0 here
+    prefix = jnp.where(has_prefix[:r, None, None, None], prefix[:r], 0)
+    lse1 = jnp.where(has_prefix[:r, None, None], lse1[:r], -jnp.inf)
+    return merge_partial_attention(prefix, lse1, own, lse2).astype(q.dtype)
+
+
 def logits(model, hidden: Array) -> Array:
     """float32 logits [S, V] of hidden [S, H]; a tied head contracts with the embedding directly (no
     transposed copy of the [V, H] matrix)."""
@@ -113,8 +188,8 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
 
     `lane` appends chunks to other slots (ones with write=False) in the same pass: their tokens join the
     decode tokens in every projection and MLP product (the weights are read once for both) and attend as a
-    prefill does (see `prefill_chunk`, key window max_len). Not free: on an H100, 512 appended tokens make a
-    step cost about what a separate prefill of them does (docs/benchmarks.md, session 6). Returns the final
+    prefill does (see `prefill_chunk`; "xla": key window = the whole cache). Not free: their GEMM rows and
+    attention cost about what a separate prefill of them does (docs/benchmarks.md). Returns the final
     normed hidden states [S, H], that of each lane row's last real token [R, H] (None without a lane), and
     the new key / value buffers.
     """
@@ -124,14 +199,14 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
 
 
 def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array, num_new: Array,
-                  layout: str, window: int, impl: str = "xla"):
+                  layout: str, window: int | None, impl: str = "xla"):
     """Appends chunks tokens [R, T] (row r: num_new[r] real tokens, then padding) to slots `rows` [R].
 
     Real token t of row r is written at position starts[r] + t. Rows whose slot index is out of range
-    (padding rows) and padding tokens are not written. Queries attend to the first `window` positions of
-    their slot (static; the caller guarantees starts + num_new <= window). impl: "xla" (einsum attention)
-    or "cudnn" ("bshd" only; cuDNN fused attention with the causal-from-offset mask as a bias). Returns the
-    hidden state [R, H] of each row's last real token and the new key / value buffers.
+    (padding rows) and padding tokens are not written. impl "xla": einsum attention over the first `window`
+    positions of each row's slot (static; the caller guarantees starts + num_new <= window); "cudnn" ("bshd"
+    only; `window` unused): `chunk_attention_cudnn`, reading the slot's prefix in place. Returns the hidden
+    state [R, H] of each row's last real token and the new key / value buffers.
     """
     _check_impl(impl, layout)
     _, hidden, keys, values = _run_layers(model, keys, values, None, Chunk(tokens, rows, starts, num_new),
@@ -139,12 +214,13 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
     return hidden, keys, values
 
 
-def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, window: int, impl: str):
+def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, window: int | None, impl: str):
     """The layers over one flat batch of single-token rows: one per slot (slots = (tokens [S], lengths [S],
-    write [S]), see `decode_step`), then every token of `chunk` (attending to the first `window` positions
-    of its slot). Each layer writes all the new keys / values, then attends: every read of a cache buffer
-    comes after every write to it, so XLA updates it in place. Returns the final normed hidden states of the
-    slot rows [S, H] and of each chunk row's last real token [R, H] (None where a part is absent)."""
+    write [S]), see `decode_step`), then every token of `chunk` (attending to its slot up to its own position:
+    "xla" over the first `window` positions, "cudnn" by `chunk_attention_cudnn`). Each layer writes all the
+    new keys / values, then attends: every read of a cache buffer comes after every write to it, so XLA
+    updates it in place. Returns the final normed hidden states of the slot rows [S, H] and of each chunk
+    row's last real token [R, H] (None where a part is absent)."""
     scale = model.config.head_dim ** -0.5
     max_len = keys[0].shape[_seq_axis(layout)]
     tokens, positions = [], []
@@ -163,7 +239,10 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
         r, t = chunk.tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)
         chunk_pos = chunk.starts[:, None] + offsets
-        chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
+        if impl == "cudnn":
+            table = page_table(chunk.rows, keys[0].shape[0], max_len, table_rows(r, keys[0].shape[0], max_len))
+        else:
+            chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
         tokens.append(chunk.tokens.reshape(r * t, 1))
         positions.append(chunk_pos.reshape(r * t, 1))
         chunk_write = jnp.where(offsets[None, :] < chunk.num_new[:, None], chunk_pos, max_len)
@@ -188,11 +267,10 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
             else:
                 outs.append(attention(q_s, layer_k, layer_v, slot_mask, layout, scale))
         if chunk is not None:
-            k_win, v_win = (_rows_window(buf, chunk.rows, window, layout) for buf in (layer_k, layer_v))
             if impl == "cudnn":
-                out = jax.nn.dot_product_attention(q_c, k_win.astype(q.dtype), v_win.astype(q.dtype),
-                                                   mask=chunk_mask[:, None], scale=scale, implementation="cudnn")
+                out = chunk_attention_cudnn(q_c, k_c, v_c, layer_k, layer_v, chunk.starts, table, scale)
             else:
+                k_win, v_win = (_rows_window(buf, chunk.rows, window, layout) for buf in (layer_k, layer_v))
                 out = attention(q_c, k_win, v_win, chunk_mask, layout, scale)
             outs.append(out.reshape((r * t, 1) + out.shape[2:]))
         return jnp.concatenate(outs) if len(outs) > 1 else outs[0], (layer_k, layer_v)

@@ -173,10 +173,11 @@ def test_bf16_engine_stays_close_to_the_float32_forward(env, tmp_path):
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu",
                     reason="cuDNN attention needs a GPU; tools/gpu_benchmarks.sh runs this on the device machine")
 def test_cudnn_engine_matches_the_xla_engine():
-    """attention="cudnn" (decode: per-slot key lengths; prefill: the offset-causal mask as a bias) against the
-    einsum attention on the same bf16 model and cache layout: prompts, an appended chunk, then decode in which
-    slot 0 stops after 2 tokens and idles (its cuDNN key length drops to 1), then a chunk appended to slot 0
-    and decode again, then chunks appended inside a decode call (its lane)."""
+    """attention="cudnn" (decode: per-slot key lengths; appended chunks: the slot's prefix read as cache pages,
+    merged with the chunk's causal self-attention) against the einsum attention on the same bf16 model and
+    cache layout: prompts, an appended chunk, then decode in which slot 0 stops after 2 tokens and idles (its
+    cuDNN key length drops to 1), then a chunk appended to slot 0 and decode again, then chunks appended inside
+    a decode call (its lane). max_len 120 is not a whole number of pages: the cuDNN engine's cache is longer."""
     from flax import nnx
 
     config = qwen3.Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
@@ -185,15 +186,16 @@ def test_cudnn_engine_matches_the_xla_engine():
     prompts, chunks = _prompts(5, (9, 40, 23), vocab=256), _prompts(6, (5, 30), vocab=256)
     seen = {}
     for impl in ("xla", "cudnn"):
-        engine = Engine(model, num_slots=4, max_len=128, attention=impl, layout="bshd", prefill_buckets=(16, 64))
+        engine = Engine(model, num_slots=4, max_len=120, attention=impl, layout="bshd", prefill_buckets=(16, 64))
+        assert engine.cache_buffer_shape()[1] == (128 if impl == "cudnn" else 120)
         engine.prefill([0, 1, 2], prompts, sampling=SamplingParams.greedy(), ignore_eos=True,
-                       max_length=[9 + 5 + 2, 128, 128])
+                       max_length=[9 + 5 + 2, 120, 120])
         after_prompt = np.asarray(engine.state.hidden, np.float32)
         engine.prefill([0, 2], chunks)  # appended at positions 9 and 23: queries start mid-sequence
         after_chunk = np.asarray(engine.state.hidden, np.float32)
         res = engine.decode(6, wait_fraction=1.0).fetch()
         assert list(res.counts[:3]) == [2, 6, 6]
-        engine.prefill([0], [chunks[1][:7]], max_length=[128])
+        engine.prefill([0], [chunks[1][:7]], max_length=[120])
         res2 = engine.decode(4, wait_fraction=1.0).fetch()
         res3 = engine.decode(4, wait_fraction=1.0, appends={1: chunks[1], 2: chunks[0]}).fetch()
         assert list(res3.counts[1:3]) == [3, 3]  # the first of the 4 steps absorbs the chunks
@@ -551,11 +553,15 @@ def test_stop_table_alternatives_and_text():
 
 
 def test_decode_loop_does_not_copy_the_cache(env):
+    """Both decode programs, without appends and with the lane (its own while loop), update the cache in place."""
     engine = env["engine"]
-    text = engine.decode_hlo(16)
     shape = engine.cache_buffer_shape()
-    assert hlo.cache_copies(text, shape) == []
-    assert "while" in text
+    loops = {}
+    for lane in (False, True):
+        text = engine.decode_hlo(16, lane=lane)
+        assert hlo.cache_copies(text, shape) == []
+        loops[lane] = text.count(" while(")
+    assert loops == {False: 1, True: 2}
 
 
 def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
@@ -563,7 +569,8 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, capsys)
 
     from tools import benchmark_decode
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert benchmark_decode.main(["--presets", "tiny", "--batches", "2", "--prompt", "8", "--new", "8",
+    # 8 slots, more than the lane's 4 rows: a lane of every slot gathers a cache-shaped key window ("xla")
+    assert benchmark_decode.main(["--presets", "tiny", "--batches", "8", "--prompt", "8", "--new", "8",
                                   "--runs", "1", "--hf_runs", "1"]) == 0
     results = json.loads((tmp_path / "decode_bench.json").read_text())["results"]
     assert len(results) == 1 and "tokens_per_s" in results[0]["ours"] and "tokens_per_s" in results[0]["hf"]
