@@ -448,9 +448,9 @@ class Engine:
       stop_strings: named stop strings, see `stops.StopTable` (token ids, or text with `tokenizer`).
       prefill_buckets: chunk lengths prefill pads to (default 16, 64, 256, ..., max_len).
       attention: "cudnn" (cuDNN fused attention; GPU, bf16/f16, "bshd" layout: decode passes per-slot key
-        lengths, so each slot reads only its valid prefix; prefill passes its mask as a bias) or "xla"
-        (einsum attention with a position mask, float32 scores; any backend). None = "cudnn" on GPU when
-        the dtypes allow, else "xla".
+        lengths, so each slot reads only its valid prefix; appended chunks read their slot's prefix in place
+        as cache pages, see `forward.chunk_attention_cudnn`) or "xla" (einsum attention with a position mask,
+        float32 scores; any backend). None = "cudnn" on GPU when the dtypes allow, else "xla".
       layout: KV-cache layout, "bshd" or "bhsd" (see `forward`). None = "bshd" with cudnn attention, else
         "bhsd" (head-major: the XLA attention's batch-matmul layout).
       seed: base of the per-request PRNG keys; key_impl: a `jax.random` implementation name (None = default).
