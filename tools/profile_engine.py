@@ -135,7 +135,7 @@ def main(argv=None):
 
 def decode_calls(engine, slots, start, repeats):
     """Median wall time of a decode call (all slots running, no stop) per step count, and the linear fit."""
-    static, no_appends = engine._decode_static(64, lane=False), engine._pack_appends({})
+    static, no_appends = engine._decode_static(64, lane_loop=False), engine._pack_appends({})
     steps_list = (1, 2, 4, 8, 16, 32, 64)
     wall = {}
     for steps in steps_list:

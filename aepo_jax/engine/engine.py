@@ -189,10 +189,10 @@ def _prefill_impl(spec: _Spec, weights, state: EngineState, packed, *, layout, w
 
 
 def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waiting, wait_fraction, appends, *,
-                 width: int, greedy_only: bool, candidates: int, lane: bool):
+                 width: int, greedy_only: bool, candidates: int, lane_loop: bool):
     """appends [S, 1 + capacity] int32: per slot the number of tokens to append, then the tokens. A slot with
-    tokens to append first absorbs them (see `_lane`), then samples like the others. lane=False compiles no
-    lane loop, for calls without appends: on an H100, with the lane loop in the same program the plain decode
+    tokens to append first absorbs them (see `_lane`), then samples like the others. lane_loop=False compiles
+    no lane loop, for calls without appends: on an H100, with the lane loop in the same program the plain decode
     steps took 3.505 instead of 3.376 ms (cause not found; docs/benchmarks.md, session 9)."""
     model = _model(spec, weights)
     num_slots = state.lengths.shape[0]
@@ -280,7 +280,7 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
         return c
 
     c = init
-    if lane:
+    if lane_loop:
         # First the steps that absorb appended tokens, sampling alongside while the call should go on,
         # until every append is in (so none is left for the next call); then plain decode steps.
         c = lax.while_loop(lambda c: jnp.any(c["absorbed"] < pending_len),
@@ -538,7 +538,7 @@ class Engine:
         self._prefill = jax.jit(functools.partial(_prefill_impl, spec), static_argnames=("layout", "window"),
                                 donate_argnums=(1,), compiler_options=prefill_options)
         self._decode = jax.jit(functools.partial(_decode_impl, spec),
-                               static_argnames=("width", "greedy_only", "candidates", "lane"),
+                               static_argnames=("width", "greedy_only", "candidates", "lane_loop"),
                                donate_argnums=(1,), compiler_options=decode_options)
         self._fork = jax.jit(functools.partial(_fork_impl, spec), donate_argnums=(0,))
         self._release = jax.jit(_release_impl, donate_argnums=(0,))
@@ -776,7 +776,7 @@ class Engine:
         if not 0.0 <= wait_fraction <= 1.0:
             raise ValueError(f"decode: wait_fraction must be in [0, 1], got {wait_fraction}")
         packed = self._pack_appends(dict(appends or {}))
-        static = self._decode_static(max_steps, lane=bool(packed[:, 0].any()))
+        static = self._decode_static(max_steps, lane_loop=bool(packed[:, 0].any()))
         self.state, out = self._decode(self._weights, self.state, np.int32(max_steps), np.int32(min_waiting),
                                        np.float32(wait_fraction), packed, **static)
         self._version += 1
@@ -806,18 +806,19 @@ class Engine:
                 packed[s, 1:1 + c.size] = c
         return packed
 
-    def _decode_static(self, max_steps: int, lane: bool) -> dict:
+    def _decode_static(self, max_steps: int, lane_loop: bool) -> dict:
         greedy_only, candidates = sampling.sampling_mode(
             [p for p, o in zip(self._sampling, self._occupied) if o and p is not None],
             self.config.vocab_size)
         return dict(width=max(8, _next_pow2(max_steps)), greedy_only=greedy_only, candidates=candidates,
-                    lane=bool(self._spec.lane_rows) and lane)
+                    lane_loop=bool(self._spec.lane_rows) and lane_loop)
 
-    def decode_hlo(self, max_steps: int = 16, *, lane: bool = False) -> str:
+    def decode_hlo(self, max_steps: int = 16, *, lane_loop: bool = False) -> str:
         """Optimised HLO text of the decode executable `decode(max_steps)` would run now (no state change);
-        lane=True: that of a call with appends (its lane loop compiled in, when the engine has a lane)."""
+        lane_loop=True: that of a call with appends (its lane loop compiled in, when the engine has a lane)."""
         lowered = self._decode.lower(self._weights, self.state, np.int32(max_steps), np.int32(1),
-                                     np.float32(0.0), self._pack_appends({}), **self._decode_static(max_steps, lane))
+                                     np.float32(0.0), self._pack_appends({}),
+                                     **self._decode_static(max_steps, lane_loop))
         return lowered.compile().as_text()
 
     def cache_buffer_shape(self) -> tuple[int, ...]:

@@ -135,18 +135,18 @@ def chunk_attention_cudnn(q: Array, k_new: Array, v_new: Array, layer_k: Array, 
     r, t = q.shape[:2]
     num_rows, length = table.shape[0], layer_k.shape[1]
     pages = layer_k.shape[0] * length // PAGE
-    q_rows = jnp.pad(q, ((0, num_rows - r), (0, 0), (0, 0), (0, 0)))
-    has_prefix = jnp.pad(starts > 0, (0, num_rows - r))
+    pad_rows = lambda a: jnp.pad(a, ((0, num_rows - r),) + ((0, 0),) * (a.ndim - 1))
     prefix, lse1 = cudnn_attention.paged_attention(
-        q_rows, *(buf.astype(q.dtype).reshape((pages, PAGE) + buf.shape[2:]) for buf in (layer_k, layer_v)),
-        jnp.full((num_rows,), t, jnp.int32), jnp.maximum(jnp.pad(starts, (0, num_rows - r)), 1).astype(jnp.int32),
+        pad_rows(q), *(buf.astype(q.dtype).reshape((pages, PAGE) + buf.shape[2:]) for buf in (layer_k, layer_v)),
+        jnp.full((num_rows,), t, jnp.int32), jnp.maximum(pad_rows(starts), 1).astype(jnp.int32),
         table, table, scale=scale, mask_type=cudnn_attention.MaskType.PADDING, return_residual=True)
     own, lse2 = cudnn_attention.dot_product_attention(
         q, k_new.astype(layer_k.dtype).astype(q.dtype), v_new.astype(layer_v.dtype).astype(q.dtype), scale=scale,
         mask_type=cudnn_attention.MaskType.CAUSAL, return_residual=True)
     # a fresh slot (start 0) has no prefix: its paged call read one unrelated key, weighted 0 here
-    prefix = jnp.where(has_prefix[:r, None, None, None], prefix[:r], 0)
-    lse1 = jnp.where(has_prefix[:r, None, None], lse1[:r], -jnp.inf)
+    has_prefix = starts > 0
+    prefix = jnp.where(has_prefix[:, None, None, None], prefix[:r], 0)
+    lse1 = jnp.where(has_prefix[:, None, None], lse1[:r], -jnp.inf)
     return merge_partial_attention(prefix, lse1, own, lse2).astype(q.dtype)
 
 

@@ -557,10 +557,10 @@ def test_decode_loop_does_not_copy_the_cache(env):
     engine = env["engine"]
     shape = engine.cache_buffer_shape()
     loops = {}
-    for lane in (False, True):
-        text = engine.decode_hlo(16, lane=lane)
+    for lane_loop in (False, True):
+        text = engine.decode_hlo(16, lane_loop=lane_loop)
         assert hlo.cache_copies(text, shape) == []
-        loops[lane] = text.count(" while(")
+        loops[lane_loop] = text.count(" while(")
     assert loops == {False: 1, True: 2}
 
 
