@@ -68,6 +68,8 @@ def main(argv=None):
     parser.add_argument("--tool_overlap", action=argparse.BooleanOptionalAction,
                         default=rollout_lib.RolloutConfig.tool_overlap,
                         help="the loop's order (see agent/rollout.py); --no-tool_overlap: read, wait, then decode")
+    parser.add_argument("--overlap_min_running", type=int, default=rollout_lib.RolloutConfig.overlap_min_running,
+                        help="with --tool_overlap, queue ahead only while at least this many slots run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmups", type=int, default=1,
                         help="untimed runs first; every run repeats seed 0, but on a GPU the sampled tokens (hence the "
@@ -115,7 +117,8 @@ def main(argv=None):
         config_r = rollout_lib.RolloutConfig(scheduler="grpo", group_size=1, max_tool_calls=10_000,
                                              max_response_tokens=args.response, sampling=sampling,
                                              decode_chunk=args.decode_chunk, wait_fraction=args.wait_fraction,
-                                             tool_overlap=args.tool_overlap)
+                                             tool_overlap=args.tool_overlap,
+                                             overlap_min_running=args.overlap_min_running)
         compiles, host = [], dict(decode_dispatch_s=0.0, fetch_wait_s=0.0)
         listener = lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None
 
@@ -161,14 +164,14 @@ def main(argv=None):
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
                    attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt,
                    response=args.response, tool_every=args.tool_every, wait_fraction=args.wait_fraction,
-                   tool_overlap=args.tool_overlap, ratio=ratio, **rows)
+                   tool_overlap=args.tool_overlap, overlap_min_running=args.overlap_min_running, ratio=ratio, **rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"rollout_bench{'_' * bool(args.tag)}{args.tag}.json"), "w") as f:
             json.dump(summary, f, indent=2)
     m = rows["agentic_rollout"]["metrics"]
     print(f"device {summary['device']}  preset {args.preset}  batch {args.batch}  waves {args.waves}  "
           f"attention {engine.attention}  lane {args.lane_rows}x{args.lane_width}  wait_fraction {args.wait_fraction}  "
-          f"tool_overlap {args.tool_overlap}")
+          f"tool_overlap {args.tool_overlap} (min running {args.overlap_min_running})")
     print(f"plain decode      {rows['plain_decode']['tokens_per_s']:10.0f} sampled tokens/s")
     print(f"agentic rollout   {rows['agentic_rollout']['tokens_per_s']:10.0f} sampled tokens/s  "
           f"({m.get('rollout/tool_calls_per_traj', 0):.1f} tool calls/trajectory, "

@@ -10,8 +10,10 @@ order, never on timing):
                       host's work (reading results, parsing, tool calls, branching) and the tools run
                       while the device decodes the other slots, and the results join the call after. The
                       calling slots idle one extra call; the device never waits for the host or a slow
-                      tool. With short calls (wait_fraction 0.125) this is the faster order (H100, 1.7B:
-                      see docs/benchmarks.md).
+                      tool. With short calls (wait_fraction 0.0625) this is the faster order (H100, 1.7B:
+                      see docs/benchmarks.md). Only while at least overlap_min_running slots run: with
+                      fewer, the queued call lasts until one of the few others stops, and its length, not
+                      the device's occupancy, sets the last trajectories' pace, so the loop reads first.
   tool_overlap=False  read the result, wait for the tools, then dispatch the next decode call with their
                       results: a calling slot idles only until the current call returns, but the device
                       idles while the host works.
@@ -72,14 +74,17 @@ class RolloutConfig:
     max_response_tokens: int = 4096
     sampling: SamplingParams = SamplingParams()
     decode_chunk: int = 64
-    wait_fraction: float = 0.125
+    wait_fraction: float = 0.0625
     tool_overlap: bool = True        # queue the next decode call before reading the last (module docstring)
+    overlap_min_running: int = 8     # ... but only while at least this many slots run (module docstring)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown rollout scheduler {self.scheduler!r}; known: {list(SCHEDULERS)}")
         if self.penalty_scope not in ("question", "path"):
             raise ValueError(f"penalty_scope must be 'question' or 'path', got {self.penalty_scope!r}")
+        if self.overlap_min_running < 0:
+            raise ValueError(f"overlap_min_running must be >= 0, got {self.overlap_min_running}")
         if self.group_size < 1 or self.initial_rollouts < 1:
             raise ValueError(f"group_size and initial_rollouts must be >= 1, got {self.group_size}, "
                              f"{self.initial_rollouts}")
@@ -355,8 +360,11 @@ class _Run:
                 for _ in range(self.config.group_size - len(group)):
                     self._new(q)
 
+    def _running(self) -> int:
+        return sum(st == "running" for st in self.status.values())
+
     def _decode(self):
-        if not any(st == "running" for st in self.status.values()):
+        if not self._running():
             return None
         self.stats["decode_calls"] += 1
         appends, self.appends = self.appends, {}
@@ -388,7 +396,8 @@ class _Run:
         self._start_pending()
         in_flight = self._decode()
         while in_flight is not None:
-            following = self._decode()  # appends the tool results of the call before in_flight
+            # appends the tool results of the call before in_flight; with few slots left, read first
+            following = self._decode() if self._running() >= self.config.overlap_min_running else None
             submitted = self._submit(self._absorb(in_flight))
             if not self.probing:
                 self._refill()

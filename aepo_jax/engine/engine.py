@@ -192,8 +192,9 @@ def _decode_impl(spec: _Spec, weights, state: EngineState, max_steps, min_waitin
                  width: int, greedy_only: bool, candidates: int, lane_loop: bool):
     """appends [S, 1 + capacity] int32: per slot the number of tokens to append, then the tokens. A slot with
     tokens to append first absorbs them (see `_lane`), then samples like the others. lane_loop=False compiles
-    no lane loop, for calls without appends: on an H100, with the lane loop in the same program the plain decode
-    steps took 3.505 instead of 3.376 ms (cause not found; docs/benchmarks.md, session 9)."""
+    no lane loop, for calls without appends: on an H100, with the lane loop in the same program the greedy plain
+    decode steps took 3.505 instead of 3.376 ms (cause not found; not seen when sampling at T = 1: 3.444 vs
+    3.437 ms; docs/benchmarks.md, sessions 9 and 10)."""
     model = _model(spec, weights)
     num_slots = state.lengths.shape[0]
     table, valid, owner = (np.asarray(a) for a in spec.stop_table)

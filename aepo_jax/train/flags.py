@@ -87,13 +87,16 @@ ROLLOUT_SLOTS = flags.DEFINE_integer("rollout_slots", 0, "Engine slots (0: quest
 TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature in training")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling in training")
 DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 64, "Max decode steps per engine call")
-WAIT_FRACTION = flags.DEFINE_float("wait_fraction", 0.125,
+WAIT_FRACTION = flags.DEFINE_float("wait_fraction", 0.0625,
                                    "Return to the host when this fraction of the running slots has stopped "
                                    "(tool tag, EOS or length)")
 TOOL_OVERLAP = flags.DEFINE_bool("tool_overlap", True,
                                  "Queue the next decode call before reading the last one, so result handling and "
                                  "tools run while the device decodes (tool results join one call later); off: "
                                  "read the results, wait for the tools, then decode")
+OVERLAP_MIN_RUNNING = flags.DEFINE_integer("overlap_min_running", 8,
+                                          "With --tool_overlap, queue ahead only while at least this many slots "
+                                          "run; with fewer, each tool result joins the very next call")
 LANE_ROWS = flags.DEFINE_integer("lane_rows", 4,
                                  "Tool results are appended inside the next decode call, the next lane_width "
                                  "tokens of up to this many slots per step (0: a prefill call per round)")

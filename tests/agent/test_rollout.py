@@ -125,17 +125,35 @@ def test_tool_results_and_branch_tokens_are_appended_inside_decode_calls(world, 
 
 def test_tool_order_changes_when_slots_run_not_what_they_sample(world):
     """Each trajectory's tokens depend on its own seed and history only, so decoding the other slots while
-    the tools run (one extra idle call for the calling slots) gives the same trajectories, in more calls."""
+    the tools run (one extra idle call for the calling slots) gives the same trajectories, in more calls.
+    overlap_min_running: the overlapped loop queues the next call before reading the last one only while at
+    least that many slots run; with fewer it reads first (the sync order), so a threshold between 0 and the
+    slot count gives both kinds of rounds."""
     tok, _, _ = world
-    engine = lambda: Engine(scripted.model(strength=6.0), num_slots=12, max_len=96, eos_ids=[tok.eos_id],
-                            stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=tok, seed=0)
-    runs = [_run(world, "grpo", questions=3, k=4, seed=5, engine=engine(), tool_overlap=overlap)
-            for overlap in (False, True)]
-    sync, overlap = ([(t.response, t.mask, t.logprobs) for g in r.groups for t in g] for r in runs)
-    assert sync == overlap
-    assert runs[0].metrics["rollout/tool_calls_per_traj"] > 0.5
-    assert len({len(t.response) for g in runs[0].groups for t in g}) > 1  # the slots stopped at different times
-    assert runs[1].metrics["rollout/decode_calls"] > runs[0].metrics["rollout/decode_calls"]
+
+    def run(**kw):
+        engine = Engine(scripted.model(strength=6.0), num_slots=12, max_len=96, eos_ids=[tok.eos_id],
+                        stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=tok, seed=0)
+        decode, results, ahead = engine.decode, [], []
+
+        def tracking(*a, **k):  # queued ahead: an earlier call's result is still unread
+            ahead.append(any(r._host is None for r in results))
+            results.append(decode(*a, **k))
+            return results[-1]
+
+        engine.decode = tracking
+        r = _run(world, "grpo", questions=3, k=4, seed=5, engine=engine, **kw)
+        return r, [(t.response, t.mask, t.logprobs) for g in r.groups for t in g], ahead
+
+    sync, full, mixed = (run(tool_overlap=False), run(tool_overlap=True, overlap_min_running=0),
+                         run(tool_overlap=True, overlap_min_running=6))
+    assert sync[1] == full[1] == mixed[1]
+    assert sync[0].metrics["rollout/tool_calls_per_traj"] > 0.5
+    assert len({len(t.response) for g in sync[0].groups for t in g}) > 1  # the slots stopped at different times
+    assert full[0].metrics["rollout/decode_calls"] > sync[0].metrics["rollout/decode_calls"]
+    assert not any(sync[2])
+    assert sum(full[2]) > sum(mixed[2]) > 0
+    assert not all(mixed[2][1:])
 
 
 @pytest.mark.parametrize("scheduler,lam", [("arpo", 0.0), ("aepo", 0.05)])
@@ -236,3 +254,14 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     assert t["parts"]["decode"]["calls"] == metrics["rollout/decode_calls"]
     assert t["parts"]["prefill"]["calls"] == 1  # the prompts; a prefill made by a decode call is part of it
     assert (tmp_path / "rollout_trace_rounds.json.gz").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("scheduler", "ppo", "unknown rollout scheduler 'ppo'"),
+    ("penalty_scope", "batch", "penalty_scope must be 'question' or 'path', got 'batch'"),
+    ("group_size", 0, "group_size and initial_rollouts must be >= 1, got 0, 6"),
+    ("overlap_min_running", -1, "overlap_min_running must be >= 0, got -1"),
+])
+def test_rollout_config_rejects_bad_values_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        rollout_lib.RolloutConfig(**{field: value})
