@@ -10,10 +10,11 @@ order, never on timing):
                       host's work (reading results, parsing, tool calls, branching) and the tools run
                       while the device decodes the other slots, and the results join the call after. The
                       calling slots idle one extra call; the device never waits for the host or a slow
-                      tool. With short calls (wait_fraction 0.0625) this is the faster order (H100, 1.7B:
-                      see docs/benchmarks.md). Only while at least overlap_min_running slots run: with
-                      fewer, the queued call lasts until one of the few others stops, and its length, not
-                      the device's occupancy, sets the last trajectories' pace, so the loop reads first.
+                      tool. With short calls (wait_fraction 0.125 against the sync order's 0.25, session
+                      7 of docs/benchmarks.md; H100, 1.7B) this is the faster order. It applies only
+                      while at least overlap_min_running slots run: with fewer, the queued call lasts
+                      until one of the few others stops, and its length, not the device's occupancy,
+                      sets the last trajectories' pace, so the loop reads first (session 10).
   tool_overlap=False  read the result, wait for the tools, then dispatch the next decode call with their
                       results: a calling slot idles only until the current call returns, but the device
                       idles while the host works.
