@@ -1,6 +1,6 @@
 """Agentic rollout throughput as a fraction of plain decode throughput (same engine, model and batch).
 
-  python tools/benchmark_rollout.py [--preset 1.7b --batch 64 --prompt 256 --response 512 --tool_every 64]
+  python tools/benchmark_rollout.py [--preset 1.7b --batch 64 --prompt 256 --response 1024 --tool_every 64]
 
 A random model writes no tool tags, so the stop string `</search>` is registered with V / tool_every
 single-token alternatives: every sampled token ends a segment with probability ~1 / tool_every. The call
@@ -61,7 +61,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="1.7b")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=256)
-    parser.add_argument("--response", type=int, default=512)
+    parser.add_argument("--response", type=int, default=1024)
     parser.add_argument("--tool_every", type=int, default=64)
     parser.add_argument("--decode_chunk", type=int, default=64)
     parser.add_argument("--wait_fraction", type=float, default=rollout_lib.RolloutConfig.wait_fraction)

@@ -62,6 +62,7 @@ from jax import lax
 
 from aepo_jax.engine import forward, packing, sampling, stops as stops_lib
 from aepo_jax.engine.sampling import SamplingParams
+from aepo_jax.models import qwen3
 
 Array = jax.Array
 
@@ -441,8 +442,9 @@ class Engine:
     """A pool of `num_slots` sequences of up to `max_len` tokens for one Qwen3 model.
 
     Args:
-      model: a `qwen3.Qwen3`; its compute dtype is the engine's activation dtype. Only its weights are
-        used (see `set_weights`), the module itself is not kept.
+      model: a `qwen3.Qwen3` (separate projections); its compute dtype is the engine's activation dtype. Only
+        its weights are used (see `set_weights`), the module itself is not kept. The engine holds them with
+        each layer's q|k|v and gate|up kernels concatenated (`qwen3.fuse_projections`: one GEMM each).
       num_slots, max_len: pool size (static).
       cache_dtype: KV-cache dtype (bf16 default).
       eos_ids: token ids that end a sequence (e.g. Qwen3's <|im_end|> and <|endoftext|>).
@@ -512,7 +514,9 @@ class Engine:
             raise ValueError(f"prefill_buckets must be positive, got {prefill_buckets}")
         self.buckets = tuple(buckets)
         self.cache_dtype = jnp.dtype(cache_dtype)
-        graphdef, params = nnx.split(model)
+        source_leaves, self._source_treedef = jax.tree.flatten(nnx.state(model))
+        self._source_shapes = [(a.shape, a.dtype) for a in source_leaves]
+        graphdef, params = nnx.split(qwen3.fuse_projections(model))
         leaves, treedef = jax.tree.flatten(params)
         self._weights = tuple(leaves)
         self.dtype = jnp.dtype(model.dtype)
@@ -523,9 +527,6 @@ class Engine:
                      key_impl=key_impl, seed=int(seed), attention=attention, unroll=int(unroll),
                      lane_rows=int(min(lane_rows, num_slots)), lane_width=int(min(lane_width, max_len)))
         self._spec = spec
-        # XLA:GPU merges matmuls that share an input (the MLP's gate and up projections) by concatenating
-        # their weights. In the decode loop the concatenation fuses into the GEMM; a prefill's cuBLAS GEMMs
-        # got a materialised copy of those weights on every call (1.4 GB for Qwen3-1.7B: ~1.4 ms on an H100).
         # Command buffers (CUDA graphs) are off for the prefill: updating and launching its graph cost more
         # host time than launching its kernels one by one (H100: 13.84 -> 12.96 ms per call). The decode's
         # while loops go into the graph too (conditional nodes): by default XLA:GPU tests a loop's exit
@@ -533,7 +534,7 @@ class Engine:
         # ends; as a graph it returns once launched (H100, 1.7B: after 4.6 ms for a 67 ms call, same step
         # time), and the host can queue the next call or read the last one's result meanwhile.
         gpu = jax.default_backend() == "gpu"
-        prefill_options = dict(xla_gpu_dot_merger_threshold_mb=0, xla_gpu_enable_command_buffer="") if gpu else None
+        prefill_options = dict(xla_gpu_enable_command_buffer="") if gpu else None
         graphs = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
         decode_options = dict(xla_gpu_enable_command_buffer=graphs) if gpu else None
         self._prefill = jax.jit(functools.partial(_prefill_impl, spec), static_argnames=("layout", "window"),
@@ -577,17 +578,19 @@ class Engine:
     # -- weights --
 
     def set_weights(self, model_or_params) -> None:
-        """Replaces the weights (same structure, shapes and dtypes: nothing recompiles).
+        """Replaces the weights: a model, or its nnx.State, of the same structure, shapes and dtypes as the
+        engine's (separate projections; nothing recompiles). Fuses them as the constructor does.
 
-        The compiled calls take them as one flat tuple of arrays: flattening the nnx.State pytree (310
-        leaves for 28 layers) on every call cost ~0.7 ms of host time per call."""
+        The compiled calls take them as one flat tuple of arrays: flattening the nnx.State pytree (then 310
+        leaves for 28 layers, 226 fused) on every call cost ~0.7 ms of host time per call."""
         params = model_or_params if isinstance(model_or_params, nnx.State) else nnx.state(model_or_params)
         leaves, treedef = jax.tree.flatten(params)
-        if treedef != self._spec.param_treedef or ([(a.shape, a.dtype) for a in leaves]
-                                        != [(a.shape, a.dtype) for a in self._weights]):
+        if treedef != self._source_treedef or [(a.shape, a.dtype) for a in leaves] != self._source_shapes:
             raise ValueError("set_weights: the new weights differ in structure, shape or dtype from the "
                              "engine's model")
-        self._weights = tuple(leaves)
+        fused = jax.tree.unflatten(self._spec.param_treedef, self._weights)
+        nnx.replace_by_pure_dict(fused, qwen3.fuse_projection_params(nnx.to_pure_dict(params)))
+        self._weights = tuple(jax.tree.leaves(fused))
 
     # -- slots --
 

@@ -10,7 +10,10 @@ RMSNorm on queries and keys, rotary embeddings with theta from the config, and h
 hidden_size / num_heads. RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in float32.
 
 Module and parameter names follow the HF checkpoint (`embed_tokens`, `layers.i.self_attn.q_proj`, ...) so
-that import / export is a mechanical rename plus a transpose of every linear kernel.
+that import / export is a mechanical rename plus a transpose of every linear kernel. The sampling engine keeps
+its own copy with fused projections (`fuse_projections`): per layer W_q | W_k | W_v and W_gate | W_up each
+stored as one matrix, so each is one GEMM whatever the batch (the model HF checkpoints and training use keeps
+them separate).
 
 Each `DecoderLayer` takes its attention as a function, so the full-sequence forward here (self-attention
 under a mask) and the sampler's cached forward (`aepo_jax.engine.forward`, which owns the KV-cache layout)
@@ -198,15 +201,21 @@ def _linear(din, dout, dtype, param_dtype, rngs):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with per-head q/k RMSNorm and rotary embeddings."""
+    """Grouped-query attention with per-head q/k RMSNorm and rotary embeddings. fused: the q, k and v
+    projections are one [H, (N + 2K) D] matrix `qkv_proj` (see `fuse_projections`)."""
 
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs, fused: bool = False):
         c = config
         self.config = c
-        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, dtype, param_dtype, rngs)
-        self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, param_dtype, rngs)
-        self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, param_dtype, rngs)
-        self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, dtype, param_dtype, rngs)
+        self.fused = fused
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if fused:
+            self.qkv_proj = _linear(c.hidden_size, q_size + 2 * kv_size, dtype, param_dtype, rngs)
+        else:
+            self.q_proj = _linear(c.hidden_size, q_size, dtype, param_dtype, rngs)
+            self.k_proj = _linear(c.hidden_size, kv_size, dtype, param_dtype, rngs)
+            self.v_proj = _linear(c.hidden_size, kv_size, dtype, param_dtype, rngs)
+        self.o_proj = _linear(q_size, c.hidden_size, dtype, param_dtype, rngs)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype)
 
@@ -214,33 +223,47 @@ class Attention(nnx.Module):
         """Queries [B,T,N,D], keys and values [B,T,K,D], normed and rotated."""
         c = self.config
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim))
-        k = self.k_norm(self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim))
-        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if self.fused:
+            q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.reshape(b, t, c.num_heads, c.head_dim))
+        k = self.k_norm(k.reshape(b, t, c.num_kv_heads, c.head_dim))
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         return rotary_embedding(q, positions, c.rope_theta), rotary_embedding(k, positions, c.rope_theta), v
 
 
 class MLP(nnx.Module):
-    """SwiGLU: W_down (silu(W_gate x) * W_up x) (Shazeer, arXiv 2002.05202)."""
+    """SwiGLU: W_down (silu(W_gate x) * W_up x) (Shazeer, arXiv 2002.05202). fused: W_gate | W_up is one
+    [H, 2I] matrix `gate_up_proj`."""
 
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, param_dtype, rngs)
-        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, param_dtype, rngs)
+    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs, fused: bool = False):
+        self.fused = fused
+        if fused:
+            self.gate_up_proj = _linear(config.hidden_size, 2 * config.intermediate_size, dtype, param_dtype, rngs)
+        else:
+            self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, param_dtype, rngs)
+            self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, param_dtype, rngs)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, param_dtype, rngs)
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention block then pre-norm SwiGLU block, each with a residual."""
 
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs, fused: bool = False):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fused=fused)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 param_dtype=param_dtype)
-        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fused=fused)
 
     def __call__(self, x: Array, positions: Array, attend) -> tuple[Array, Any]:
         """`attend(q, k, v) -> (out [B, T, heads, D], aux)` is the attention: over the chunk itself (the
@@ -273,20 +296,23 @@ def _self_attending_layer(layer: DecoderLayer, x: Array, positions: Array, mask:
 
 
 class Qwen3(nnx.Module):
-    """The Qwen3 causal LM. `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights."""
+    """The Qwen3 causal LM. `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights;
+    fused_projections: each layer stores W_q | W_k | W_v and W_gate | W_up as one matrix each (the engine's
+    copy, see `fuse_projections`; HF import / export and the sharding rules use the separate ones)."""
 
     def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs | None = None):
+                 remat: bool = False, fused_projections: bool = False, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
+        self.fused_projections = fused_projections
         self.remat = remat  # recompute each layer's activations in the backward pass (full forward only)
         self.attention = "xla"  # full-forward attention: "xla" (any mask) or "cudnn" (GPU, right padding)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                             fused=fused_projections) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (None if config.tie_word_embeddings else
                         _linear(config.hidden_size, config.vocab_size, dtype, param_dtype, rngs))
@@ -342,6 +368,46 @@ class Qwen3(nnx.Module):
     def logits(self, hidden: Array) -> Array:
         """hidden [..., H] -> logits [..., V] in the compute dtype."""
         return jnp.dot(hidden, self.lm_head_kernel().astype(hidden.dtype))
+
+
+# ------------------------------------------------------------------------------------ fused projections
+
+
+_FUSED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def fuse_projection_params(params: Mapping) -> dict:
+    """Pure-dict weights of a `Qwen3` -> those of the same model with fused_projections=True: per layer the
+    kernels of q, k and v (and of gate and up) concatenated along their output axis, so that
+    x [W_q | W_k | W_v] = [x W_q | x W_k | x W_v]. The other weights are the same arrays."""
+    layers = {}
+    for i, layer in params["layers"].items():
+        layer = dict(layer)
+        for block, fused, parts in _FUSED:
+            sub = dict(layer[block])
+            sub[fused] = {"kernel": jnp.concatenate([sub.pop(part)["kernel"] for part in parts], axis=-1)}
+            layer[block] = sub
+        layers[i] = layer
+    return dict(params, layers=layers)
+
+
+def fuse_projections(model: Qwen3) -> Qwen3:
+    """`model` with fused projections (a new module; only the q|k|v and gate|up kernels are new arrays).
+
+    Why the engine decodes with it: with separate weights XLA:GPU merges each group into one GEMM by
+    concatenating the weights inside the GEMM's fusion, which tiles worse once a decode step also carries
+    appended tokens (H100, Qwen3-1.7B, 64 + 256 rows: a lane step 2.81 -> 2.39 ms more than a plain step;
+    plain steps unchanged, 4.02 ms; docs/benchmarks.md, session 11)."""
+    if model.fused_projections:
+        raise ValueError("fuse_projections: the model's projections are already fused")
+    param_dtype = model.embed_tokens.embedding.dtype
+    abstract = nnx.eval_shape(lambda: Qwen3(model.config, dtype=model.dtype, param_dtype=param_dtype,
+                                            remat=model.remat, fused_projections=True))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, fuse_projection_params(nnx.to_pure_dict(nnx.state(model))))
+    fused = nnx.merge(graphdef, state)
+    fused.attention = model.attention
+    return fused
 
 
 # --------------------------------------------------------------------------------------- HF checkpoints
@@ -407,6 +473,9 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, *, dtype=None, overwr
     non-empty `path` is replaced only with overwrite=True.
     """
     config = model.config
+    if model.fused_projections:
+        raise ValueError("save_pretrained: this model stores fused q|k|v and gate|up weights (the engine's copy, "
+                         "see fuse_projections); save the model they were fused from")
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}
     for name, (ours, transpose) in _hf_tensor_names(config).items():
@@ -437,4 +506,4 @@ def config_summary(config: Qwen3Config) -> str:
 
 
 __all__ = ["Qwen3Config", "PRESETS", "preset", "Qwen3", "load_pretrained", "save_pretrained",
-           "count_params", "config_summary", "rotary_embedding"]
+           "count_params", "config_summary", "rotary_embedding", "fuse_projections", "fuse_projection_params"]

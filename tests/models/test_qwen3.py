@@ -49,6 +49,23 @@ def test_logits_match_transformers(tmp_path, name, padding):
     _assert_logits_close(ours, ref, valid=mask.astype(bool))
 
 
+def test_fused_projections_are_the_same_model(tmp_path):
+    """The engine's copy of the weights (per layer q|k|v and gate|up each one kernel) computes transformers'
+    logits too; it refuses to be saved as an HF checkpoint or fused twice."""
+    hf = write_hf_qwen3(tmp_path, seed=3, **CONFIGS["gqa4_headdim"])  # q, k, v widths 64, 16, 16
+    model = qwen3.load_pretrained(tmp_path)
+    fused = qwen3.fuse_projections(model)
+    ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, size=(2, 9))
+    _assert_logits_close(fused(jnp.asarray(ids)), hf_logits(hf, ids, np.ones_like(ids)))
+    attn, mlp = fused.layers[1].self_attn, fused.layers[1].mlp
+    assert attn.qkv_proj.kernel.shape == (48, 64 + 16 + 16) and mlp.gate_up_proj.kernel.shape == (48, 2 * 80)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")
+    with pytest.raises(ValueError, match="already fused"):
+        qwen3.fuse_projections(fused)
+    with pytest.raises(ValueError, match="fused q|k|v"):
+        qwen3.save_pretrained(fused, tmp_path / "out")
+
+
 def test_config_round_trip_and_presets(tmp_path):
     hf = write_hf_qwen3(tmp_path, tie_word_embeddings=True)
     config = qwen3.Qwen3Config.from_hf_dict(hf.config.to_dict())
