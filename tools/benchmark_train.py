@@ -123,12 +123,13 @@ def main(argv=None):
         impl = args.attention.split(",")[0]
         seconds, loss = ours(config, args.batch, seq, 1, args.remat, impl)
         stats = jax.devices()[0].memory_stats() or {}
-        rows.append(dict(impl=f"aepo_jax ({impl} attention)", preset=args.preset, batch=args.batch, seq=seq, remat=args.remat,
-                         ms=seconds * 1e3, loss=loss, peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9,
+        rows.append(dict(impl=f"aepo_jax ({impl} attention)", preset=args.preset, batch=args.batch, seq=seq,
+                         remat=args.remat, ms=seconds * 1e3, loss=loss, peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9,
                          dense_f32_logits_gb=args.batch * seq * config.vocab_size * 4 / 1e9))
     device = jax.devices()[0].device_kind
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"train_{args.what}_{args.seq or ''}{'_remat' if args.remat else ''}.json"), "w") as f:
+        name = f"train_{args.what}_{args.seq or ''}{'_remat' if args.remat else ''}.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(dict(device=device, rows=rows), f, indent=2)
     print(f"device: {device}")
     for r in rows:

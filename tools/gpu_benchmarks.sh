@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md for the trainer and agent issues, one device call each:
 #   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention tests, agentic rollout ratio (cuDNN and XLA attention)
-#   bash tools/gpu_benchmarks.sh rollout_policy  # the same with wait_fraction 0.125, and with 4 waves
+#   bash tools/gpu_benchmarks.sh rollout_policy  # rollout ratio at wait_fraction 0.125 (the old default), 4 waves
 #   bash tools/gpu_benchmarks.sh lane      # in-loop appends: rollout ratio per lane shape (LANES="8x64 0x64")
 #   bash tools/gpu_benchmarks.sh overlap   # rollout ratio, the loop's sync and overlapped orders (RUNS="sync:0.25 ...")
 #   bash tools/gpu_benchmarks.sh timeline  # device busy / idle per kind of engine call in a rollout
@@ -55,7 +55,8 @@ lane)  # tool results appended inside the decode loop (lane rows x width per ste
   done
   ;;
 overlap)  # the loop's two orders (sync: wait for the tools, then decode; overlap: the next decode call is queued
-           # before the last one's result is read) per wait fraction, RUNS="sync:0.25 overlap:0.25 ..."
+           # before the last one's result is read) per wait fraction, RUNS="sync:0.25 overlap:0.25 ..."; the default
+           # RUNS are session 7's comparison (the defaults are now overlap at 0.0625, see the `rollout` case)
   [ -n "${TESTS-1}" ] && run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py tests/engine/test_forward.py -k "cudnn or bf16"
   for r in ${RUNS:-sync:0.25 overlap:0.125}; do
     mode=${r%:*}; fraction=${r#*:}
