@@ -12,8 +12,8 @@ hidden_size / num_heads. RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in
 Module and parameter names follow the HF checkpoint (`embed_tokens`, `layers.i.self_attn.q_proj`, ...) so
 that import / export is a mechanical rename plus a transpose of every linear kernel. The sampling engine keeps
 its own copy with fused projections (`fuse_projections`): per layer W_q | W_k | W_v and W_gate | W_up each
-stored as one matrix, so each is one GEMM whatever the batch (the model HF checkpoints and training use keeps
-them separate).
+stored as one matrix, so each group is one GEMM. HF checkpoints, training and the sharding rules use the
+separate projections.
 
 Each `DecoderLayer` takes its attention as a function, so the full-sequence forward here (self-attention
 under a mask) and the sampler's cached forward (`aepo_jax.engine.forward`, which owns the KV-cache layout)
