@@ -59,7 +59,8 @@ def _parse(argv):
     p.add_argument("--layouts", default="auto", help="KV-cache layouts of ours to time (auto, bhsd, bshd)")
     p.add_argument("--sampling", default="greedy",
                    help="comma-separated modes of ours: greedy, sample (T=1), topp (T=0.6, top-p 0.95, top-k 20)")
-    p.add_argument("--attention", default="auto", help="decode attention of ours: auto, xla, cudnn (bshd)")
+    p.add_argument("--attention", default="auto",
+                   help="comma-separated decode attentions of ours: auto, xla, cudnn, pallas (cudnn / pallas: bshd)")
     p.add_argument("--unroll", type=int, default=1, help="decode steps per while-loop iteration of ours")
     p.add_argument("--key_impl", default=None, help="jax.random implementation for sampling (e.g. rbg)")
     p.add_argument("--profile", default=None, help="directory: trace one decode of the first config and "
@@ -311,6 +312,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     modes = [x.strip() for x in args.sampling.split(",") if x.strip()]
+    attentions = [x.strip() for x in args.attention.split(",") if x.strip()]
     for m in modes:
         if m not in SAMPLING:
             raise SystemExit(f"--sampling: unknown mode {m!r}; expected {sorted(SAMPLING)}")
@@ -355,7 +357,7 @@ def main(argv=None) -> int:
         for batch in batches:
             bytes_step = weight_bytes(config) + kv_bytes_per_step(config, batch, args.prompt, args.new)
             roofline_step = bytes_step / bandwidth
-            for layout in layouts:
+            for layout, attention in [(lo, at) for lo in layouts for at in attentions]:
                 for mode in modes:
                     rec = dict(preset=name, batch=batch, prompt=args.prompt, new=args.new, layout=layout,
                                sampling=mode, bytes_per_step=bytes_step, roofline_ms_per_step=1e3 * roofline_step,
@@ -363,7 +365,7 @@ def main(argv=None) -> int:
                     try:
                         ours = run_ours(model, config, batch, args.prompt, args.new, args.runs, layout, mode,
                                         args.key_impl, args.hlo_check, profile=args.profile,
-                                        attention=args.attention, unroll=args.unroll)
+                                        attention=attention, unroll=args.unroll)
                         args.profile = None  # only the first configuration
                         rec["ours"] = ours
                         rec["layout"] = f"{ours['layout']}/{ours['attention']}"

@@ -80,7 +80,7 @@ def main(argv=None):
                              "for ~10 s: more warm-ups, fewer timed runs that compile (each reports its count)")
     parser.add_argument("--waves", type=int, default=1, help="trajectories = waves x batch (slots stay batch)")
     parser.add_argument("--tag", default="", help="names the JSON file: rollout_bench_TAG.json")
-    parser.add_argument("--attention", default=None, help="engine attention: cudnn or xla (default: engine's)")
+    parser.add_argument("--attention", default=None, help="engine attention: pallas, cudnn or xla (default: engine's)")
     parser.add_argument("--lane_rows", type=int, default=4,
                         help="engine: slots whose appended tokens ride along per decode step (0: prefill them)")
     parser.add_argument("--lane_width", type=int, default=64, help="engine: appended tokens per lane row and step")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md for the trainer and agent issues, one device call each:
-#   bash tools/gpu_benchmarks.sh rollout   # cuDNN attention tests, agentic rollout ratio (cuDNN and XLA attention)
+#   bash tools/gpu_benchmarks.sh rollout   # GPU attention tests, agentic rollout ratio (Pallas, cuDNN, XLA attention)
 #   bash tools/gpu_benchmarks.sh rollout_policy  # rollout ratio at wait_fraction 0.125 (the old default), 4 waves
 #   bash tools/gpu_benchmarks.sh lane      # in-loop appends: rollout ratio per lane shape (LANES="8x64 0x64")
 #   bash tools/gpu_benchmarks.sh overlap   # rollout ratio, the loop's sync and overlapped orders (RUNS="sync:0.25 ...")
@@ -16,6 +16,9 @@ set -u
 if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 OUT=${OUT:-/tmp/gpu_bench}; mkdir -p "$OUT"
+# the tests whose GPU path differs from the CPU's
+GPU_TESTS="cudnn or bf16 or gpu_attention or pallas or decode_attention"
+ENGINE_TESTS="tests/engine/test_engine.py tests/engine/test_forward.py tests/engine/test_decode_attention.py"
 run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" "$@" 2>&1 | grep -vE "^[IW][0-9]{4} " | tail -14; }
 # One RL step of the 0.6B preset on the demo world (random weights), 3 steps, under cProfile.
 RL_STEP=(python3 -m cProfile -o "$OUT/rl_step.prof" -m aepo_jax.train --flagfile=configs/cpu_demo.flags --mode=rl
@@ -34,9 +37,8 @@ PY
 }
 case "${1:-rollout}" in
 rollout)
-  run 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py tests/engine/test_engine.py tests/engine/test_forward.py \
-    -k "cudnn or bf16"
-  for attention in cudnn xla; do
+  run 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_qwen3.py $ENGINE_TESTS -k "$GPU_TESTS"
+  for attention in pallas cudnn xla; do
     run 240 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
       --tool_every 64 --breakdown --attention $attention --tag $attention
   done
@@ -48,7 +50,7 @@ rollout_policy)  # the loop's wait policy and continuous refill (4 waves of 64 t
     --tool_every 64 --waves 4 --warmups 2 --repeats 2 --tag waves4
   ;;
 lane)  # tool results appended inside the decode loop (lane rows x width per step) against prefill calls (0)
-  run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py tests/engine/test_forward.py -k "cudnn or bf16"
+  run 200 python3 -m pytest -q -p no:cacheprovider $ENGINE_TESTS -k "$GPU_TESTS"
   for lane in ${LANES:-8x64 0x64}; do
     run 280 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
       --tool_every 64 --warmups 2 --repeats 2 --breakdown --lane_rows ${lane%x*} --lane_width ${lane#*x} --tag lane$lane
@@ -57,7 +59,7 @@ lane)  # tool results appended inside the decode loop (lane rows x width per ste
 overlap)  # the loop's two orders (sync: wait for the tools, then decode; overlap: the next decode call is queued
            # before the last one's result is read) per wait fraction, RUNS="sync:0.25 overlap:0.25 ..."; the default
            # RUNS are session 7's comparison (the defaults are now overlap at 0.0625, see the `rollout` case)
-  [ -n "${TESTS-1}" ] && run 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine.py tests/engine/test_forward.py -k "cudnn or bf16"
+  [ -n "${TESTS-1}" ] && run 200 python3 -m pytest -q -p no:cacheprovider $ENGINE_TESTS -k "$GPU_TESTS"
   for r in ${RUNS:-sync:0.25 overlap:0.125}; do
     mode=${r%:*}; fraction=${r#*:}
     run 200 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \

@@ -33,16 +33,17 @@ Randomness: each slot has a key; the token at position p is drawn with fold_in(k
 keeps its parent's key therefore reproduces the parent's continuation token for token.
 
 Performance (see tools/benchmark_decode.py): a decode step reads the weights once and each running slot's KV
-cache once (attention="cudnn": only its valid prefix, and nothing for a stopped or free slot; "xla": every
-slot's whole max_len), writes one KV row per running slot in place (the compiled loop holds no copy of a cache
-buffer: `hlo.cache_copies`), and computes logits only for the [S] last tokens. A prefill's arguments go to the
+cache once (attention="pallas" / "cudnn": only its valid prefix, and nothing for a stopped or free slot; "xla":
+every slot's whole max_len), writes one KV row per running slot in place (the compiled loop holds no copy of a
+cache buffer: `hlo.cache_copies`; "pallas" writes it inside its attention kernel, which also applies the q / k
+norms and RoPE: `decode_attention`), and computes logits only for the [S] last tokens. A prefill's arguments go to the
 device, and a decode's results come back, as one packed int32 array each (`packing`: one transfer). Prefill
 compiles once per (rows, chunk) bucket (and key window with "xla" attention), decode once per (output width,
 sampling mode, appends or not: a call with appends runs the executable with the lane loop; session 9); fork
 and release once per row bucket. Appends through the decode lane (lane_rows x lane_width tokens per step,
 static) compile nothing new. On an H100 the lane costs about what the prefill call it replaces does
 (docs/benchmarks.md, session 6): at 64 + 512 rows (8 x 64, the default then) the GEMMs no longer cost only their
-weights. With "cudnn" attention appended rows read their slot's cache in place as pages (the buffers' length
+weights. With "pallas" / "cudnn" attention appended rows read their slot's cache in place as pages (the buffers' length
 is max_len rounded up to whole pages, `forward.cache_length`). On a GPU the decode's while loops run inside a
 CUDA graph, so a decode call returns once launched and the host can queue the next one (session 7).
 """
@@ -60,7 +61,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from aepo_jax.engine import forward, packing, sampling, stops as stops_lib
+from aepo_jax.engine import decode_attention, forward, packing, sampling, stops as stops_lib
 from aepo_jax.engine.sampling import SamplingParams
 from aepo_jax.models import qwen3
 
@@ -450,12 +451,15 @@ class Engine:
       eos_ids: token ids that end a sequence (e.g. Qwen3's <|im_end|> and <|endoftext|>).
       stop_strings: named stop strings, see `stops.StopTable` (token ids, or text with `tokenizer`).
       prefill_buckets: chunk lengths prefill pads to (default 16, 64, 256, ..., max_len).
-      attention: "cudnn" (cuDNN fused attention; GPU, bf16/f16, "bshd" layout: decode passes per-slot key
-        lengths, so each slot reads only its valid prefix; appended chunks read their slot's prefix in place
-        as cache pages, see `forward.chunk_attention_cudnn`) or "xla" (einsum attention with a position mask,
-        float32 scores; any backend). None = "cudnn" on GPU when the dtypes allow, else "xla".
-      layout: KV-cache layout, "bshd" or "bhsd" (see `forward`). None = "bshd" with cudnn attention, else
-        "bhsd" (head-major: the XLA attention's batch-matmul layout).
+      attention: "pallas" (GPU, bf16/f16, "bshd" layout: each decode step's q / k norms, RoPE, key / value
+        write and attention over each slot's valid prefix run as one Pallas kernel per layer,
+        `decode_attention`; appended chunks as with "cudnn"), "cudnn" (cuDNN fused attention, same
+        requirements: decode passes per-slot key lengths, so each slot reads only its valid prefix; appended
+        chunks read their slot's prefix in place as cache pages, see `forward.chunk_attention_cudnn`) or "xla"
+        (einsum attention with a position mask, float32 scores; any backend). None = "pallas" on GPU when the
+        dtypes and head_dim allow (`decode_attention.supports`), else "cudnn" on GPU, else "xla".
+      layout: KV-cache layout, "bshd" or "bhsd" (see `forward`). None = "bshd" with pallas / cudnn attention,
+        else "bhsd" (head-major: the XLA attention's batch-matmul layout).
       seed: base of the per-request PRNG keys; key_impl: a `jax.random` implementation name (None = default).
       unroll: decode steps per while-loop iteration (the exit test runs once per iteration).
       lane_rows, lane_width, lane_capacity: the in-loop append lane of `decode(appends=...)`: each decode
@@ -477,18 +481,23 @@ class Engine:
                              f"{config.max_position_embeddings}")
         half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         if attention is None:
-            attention = ("cudnn" if jax.default_backend() == "gpu" and jnp.dtype(model.dtype) in half
-                         and jnp.dtype(cache_dtype) == jnp.dtype(model.dtype) else "xla")
-        if attention not in ("xla", "cudnn"):
-            raise ValueError(f"unknown attention {attention!r}; expected 'xla' or 'cudnn'")
+            gpu_dtypes = (jax.default_backend() == "gpu" and jnp.dtype(model.dtype) in half
+                          and jnp.dtype(cache_dtype) == jnp.dtype(model.dtype))
+            attention = ("xla" if not gpu_dtypes else
+                         "pallas" if decode_attention.supports(config.head_dim) else "cudnn")
+        if attention not in forward.IMPLS:
+            raise ValueError(f"unknown attention {attention!r}; expected one of {forward.IMPLS}")
         if layout is None:
-            layout = "bshd" if attention == "cudnn" else "bhsd"
-        if attention == "cudnn" and layout != "bshd":
-            raise ValueError("attention='cudnn' needs layout='bshd'")
-        if attention == "cudnn" and not (jnp.dtype(model.dtype) in half
-                                         and jnp.dtype(cache_dtype) == jnp.dtype(model.dtype)):
-            raise ValueError("attention='cudnn' needs a bf16 / f16 model with a cache of the same dtype, got "
-                             f"model {jnp.dtype(model.dtype).name}, cache {jnp.dtype(cache_dtype).name}")
+            layout = "bhsd" if attention == "xla" else "bshd"
+        if attention != "xla" and layout != "bshd":
+            raise ValueError(f"attention={attention!r} needs layout='bshd'")
+        if attention != "xla" and not (jnp.dtype(model.dtype) in half
+                                       and jnp.dtype(cache_dtype) == jnp.dtype(model.dtype)):
+            raise ValueError(f"attention={attention!r} needs a bf16 / f16 model with a cache of the same dtype, "
+                             f"got model {jnp.dtype(model.dtype).name}, cache {jnp.dtype(cache_dtype).name}")
+        if attention == "pallas" and not decode_attention.supports(config.head_dim):
+            raise ValueError(f"attention='pallas' needs a head_dim that is a power of two >= 32, got "
+                             f"{config.head_dim} (use 'cudnn')")
         if unroll < 1:
             raise ValueError(f"unroll must be >= 1, got {unroll}")
         if lane_rows < 0 or lane_width < 1 or lane_capacity < 1:
@@ -589,7 +598,7 @@ class Engine:
             raise ValueError("set_weights: the new weights differ in structure, shape or dtype from the "
                              "engine's model")
         fused = jax.tree.unflatten(self._spec.param_treedef, self._weights)
-        nnx.replace_by_pure_dict(fused, qwen3.fuse_projection_params(nnx.to_pure_dict(params)))
+        nnx.replace_by_pure_dict(fused, qwen3.fuse_projection_params(nnx.to_pure_dict(params), self.config))
         self._weights = tuple(jax.tree.leaves(fused))
 
     # -- slots --

@@ -8,17 +8,20 @@ and attends over it:
   layout "bhsd": per layer [slots, kv_heads, max_len, head_dim]  (head-major: each (slot, head) is one
                  contiguous [max_len, head_dim] matrix, the batch-matmul operand layout of the decode step)
 
-A decode step scatters one key / value row per running slot and attends in place (no gather, no copy):
+A decode step writes one key / value row per running slot and attends in place (no gather, no copy):
   "xla" attention  einsums over the whole max_len with a position mask. With "bhsd" the batch dimensions
                    of both matmuls are the buffer's leading dimensions; with "bshd" XLA:GPU transposes
                    every layer's cache every step (measured: 112 cache-sized transposes in the loop).
   "cudnn"          `jax.nn.dot_product_attention(implementation="cudnn")` on the "bshd" buffer (its BTNH
                    layout) with per-slot key lengths, so each slot reads only its valid prefix.
+  "pallas"         `decode_attention.decode_attention` on the "bshd" buffer: one Pallas (Triton) kernel per
+                   layer applies the q / k norms and RoPE to the slots' raw projections, writes their key /
+                   value rows and reads each slot's valid prefix once per kv head (not once per query head).
 A prefill appends chunks to some slots; its queries start at each slot's own offset, which cuDNN's top-left
 causal mask cannot express. The "xla" attention gathers the rows' first `window` positions and applies the
-offset-causal mask [R, T, window] to float32 scores. "cudnn" splits each row's keys in two: the slot's
-cache prefix [0, start), read in place as pages by cuDNN paged attention with a padding mask, and the chunk's
-own keys, causal (cuDNN's top-left mask is exact there); the two outputs are merged through their
+offset-causal mask [R, T, window] to float32 scores. "cudnn" and "pallas" split each row's keys in two: the
+slot's cache prefix [0, start), read in place as pages by cuDNN paged attention with a padding mask, and the
+chunk's own keys, causal (cuDNN's top-left mask is exact there); the two outputs are merged through their
 log-sum-exps (`merge_partial_attention`). No window is gathered and no mask tensor exists. A decode step can
 carry such chunks too (its "lane": tool results appended while the other slots decode), in the same flat
 batch of rows as its decode tokens.
@@ -31,15 +34,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from aepo_jax.engine import decode_attention
+from aepo_jax.models import qwen3
+
 Array = jax.Array
 LAYOUTS = ("bshd", "bhsd")
 _F32 = jnp.float32
 PAGE = 64  # positions per page when cuDNN reads the cache as pages (cuDNN needs a power of two)
+IMPLS = ("xla", "cudnn", "pallas")  # decode attention (see the module docstring)
 
 
 def cache_length(max_len: int, impl: str) -> int:
-    """Positions per slot in the cache buffers: max_len, rounded up to whole pages for "cudnn" attention."""
-    return -(-max_len // PAGE) * PAGE if impl == "cudnn" else max_len
+    """Positions per slot in the cache buffers: max_len, rounded up to whole pages for "cudnn" and "pallas"
+    attention (their appended chunks read the cache as pages; the Pallas kernel reads blocks of a page)."""
+    return max_len if impl == "xla" else -(-max_len // PAGE) * PAGE
 
 
 def cache_shape(config, num_slots: int, max_len: int, layout: str) -> tuple[int, ...]:
@@ -161,10 +169,10 @@ def logits(model, hidden: Array) -> Array:
 
 
 def _check_impl(impl: str, layout: str) -> None:
-    if impl not in ("xla", "cudnn"):
-        raise ValueError(f"unknown attention {impl!r}; expected 'xla' or 'cudnn'")
-    if impl == "cudnn" and layout != "bshd":
-        raise ValueError("cuDNN attention needs the 'bshd' cache layout")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention {impl!r}; expected one of {IMPLS}")
+    if impl != "xla" and layout != "bshd":
+        raise ValueError(f"{impl!r} attention needs the 'bshd' cache layout")
 
 
 class Chunk(NamedTuple):
@@ -184,7 +192,8 @@ def decode_step(model, keys, values, tokens: Array, lengths: Array, write: Array
     Rows with write=False are computed but neither written to the cache nor meant to be used. impl "xla"
     attends to the whole cache with a position mask; "cudnn" ("bshd" only) calls cuDNN's fused attention
     through `jax.nn.dot_product_attention` with per-slot key lengths, which reads only each slot's valid
-    prefix (one key for a write=False row: the slots that wait for a tool or are free read no cache).
+    prefix (one key for a write=False row: the slots that wait for a tool or are free read no cache);
+    "pallas" ("bshd" only) runs `decode_attention.decode_attention`, which also writes the rows' keys / values.
 
     `lane` appends chunks to other slots (ones with write=False) in the same pass: their tokens join the
     decode tokens in every projection and MLP product (the weights are read once for both) and attend as a
@@ -204,9 +213,9 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
 
     Real token t of row r is written at position starts[r] + t. Rows whose slot index is out of range
     (padding rows) and padding tokens are not written. impl "xla": einsum attention over the first `window`
-    positions of each row's slot (static; the caller guarantees starts + num_new <= window); "cudnn" ("bshd"
-    only; `window` unused): `chunk_attention_cudnn`, reading the slot's prefix in place. Returns the hidden
-    state [R, H] of each row's last real token and the new key / value buffers.
+    positions of each row's slot (static; the caller guarantees starts + num_new <= window); "cudnn" and
+    "pallas" ("bshd" only; `window` unused): `chunk_attention_cudnn`, reading the slot's prefix in place.
+    Returns the hidden state [R, H] of each row's last real token and the new key / value buffers.
     """
     _check_impl(impl, layout)
     _, hidden, keys, values = _run_layers(model, keys, values, None, Chunk(tokens, rows, starts, num_new),
@@ -217,9 +226,10 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
 def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, window: int | None, impl: str):
     """The layers over one flat batch of single-token rows: one per slot (slots = (tokens [S], lengths [S],
     write [S]), see `decode_step`), then every token of `chunk` (attending to its slot up to its own position:
-    "xla" over the first `window` positions, "cudnn" by `chunk_attention_cudnn`). Each layer writes all the
-    new keys / values, then attends: every read of a cache buffer comes after every write to it, so XLA
-    updates it in place. Returns the final normed hidden states of the slot rows [S, H] and of each chunk
+    "xla" over the first `window` positions, "cudnn" / "pallas" by `chunk_attention_cudnn`). Each layer writes
+    all the new keys / values, then attends: every read of a cache buffer comes after every write to it, so
+    XLA updates it in place ("pallas": the decode kernel reads and writes in one call, between the chunk's
+    writes and reads). Returns the final normed hidden states of the slot rows [S, H] and of each chunk
     row's last real token [R, H] (None where a part is absent)."""
     scale = model.config.head_dim ** -0.5
     max_len = keys[0].shape[_seq_axis(layout)]
@@ -235,11 +245,13 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
         # cuDNN reads each slot's first kv_lengths keys: a slot that writes nothing this step (stopped, free)
         # reads one, so idle slots cost no KV bandwidth (their outputs are discarded by the caller).
         kv_lengths = jnp.where(write, jnp.minimum(lengths + 1, max_len), 1).astype(jnp.int32)
+        if impl == "pallas":  # the slot rows' RoPE table, shared by every layer's kernel
+            cos, sin = qwen3.rotary_cos_sin(lengths, model.config.rope_theta, model.config.head_dim, model.dtype)
     if chunk is not None:
         r, t = chunk.tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)
         chunk_pos = chunk.starts[:, None] + offsets
-        if impl == "cudnn":
+        if impl != "xla":
             table = page_table(chunk.rows, keys[0].shape[0], max_len, table_rows(r, keys[0].shape[0], max_len))
         else:
             chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
@@ -251,23 +263,40 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
         """[S + R*T, 1, ...] -> the slot rows [S, 1, ...] and the chunk rows [R, T, ...]."""
         return a[:num_slots], (a[num_slots:].reshape((r, t) + a.shape[2:]) if chunk is not None else None)
 
-    def attend(q, k, v, layer_k, layer_v):
-        (q_s, q_c), (k_s, k_c), (v_s, v_c) = split(q), split(k), split(v)
-        parts = (([(slot_rows, slot_write, k_s, v_s)] if num_slots else [])
-                 + ([(chunk.rows, chunk_write, k_c, v_c)] if chunk is not None else []))
-        for rows, pos, new_k, new_v in parts:
+    def project(attn, h, pos):
+        """(slot rows, chunk rows) of the queries, keys and values; with "pallas" the slot rows stay raw and
+        grouped (the kernel finishes them), so only the chunk rows are normed and rotated here."""
+        if impl != "pallas":
+            return [split(a) for a in attn.project(h, pos)]
+        grouped_s, grouped_c = split(attn.grouped_qkv(h))
+        q_c = k_c = v_c = None
+        if chunk is not None:
+            q_c, k_c, v_c = attn.ungroup(grouped_c)
+            q_c, k_c = attn.normalize_and_rotate(q_c, k_c, chunk_pos)
+        return (grouped_s[:, 0], q_c), (None, k_c), (None, v_c)
+
+    def attend(attn, h, pos, layer_k, layer_v):
+        (q_s, q_c), (k_s, k_c), (v_s, v_c) = project(attn, h, pos)
+        writes = (([(chunk.rows, chunk_write, k_c, v_c)] if chunk is not None else [])
+                  + ([(slot_rows, slot_write, k_s, v_s)] if num_slots and impl != "pallas" else []))
+        for rows, pos, new_k, new_v in writes:
             layer_k = write_kv(layer_k, rows, pos, new_k, layout)
             layer_v = write_kv(layer_v, rows, pos, new_v, layout)
         outs = []
         if num_slots:
-            if impl == "cudnn":
+            if impl == "pallas":  # q_s: the slot rows' raw grouped projections [S, K, G + 2, D]
+                out, layer_k, layer_v = decode_attention.decode_attention(
+                    q_s, layer_k, layer_v, lengths, write, cos, sin, attn.q_norm.weight[...],
+                    attn.k_norm.weight[...], eps=attn.q_norm.eps, scale=scale)
+                outs.append(out[:, None])
+            elif impl == "cudnn":
                 outs.append(jax.nn.dot_product_attention(
-                    q_s, layer_k.astype(q.dtype), layer_v.astype(q.dtype), scale=scale,
+                    q_s, layer_k.astype(q_s.dtype), layer_v.astype(q_s.dtype), scale=scale,
                     key_value_seq_lengths=kv_lengths, implementation="cudnn"))
             else:
                 outs.append(attention(q_s, layer_k, layer_v, slot_mask, layout, scale))
         if chunk is not None:
-            if impl == "cudnn":
+            if impl != "xla":
                 out = chunk_attention_cudnn(q_c, k_c, v_c, layer_k, layer_v, chunk.starts, table, scale)
             else:
                 k_win, v_win = (_rows_window(buf, chunk.rows, window, layout) for buf in (layer_k, layer_v))
@@ -279,7 +308,8 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
     positions = jnp.concatenate(positions)
     new_keys, new_values = [], []
     for layer, layer_k, layer_v in zip(model.layers, keys, values):
-        x, (layer_k, layer_v) = layer(x, positions, lambda q, k, v, lk=layer_k, lv=layer_v: attend(q, k, v, lk, lv))
+        x, (layer_k, layer_v) = layer(x, positions,
+                                      lambda attn, h, pos, lk=layer_k, lv=layer_v: attend(attn, h, pos, lk, lv))
         new_keys.append(layer_k)
         new_values.append(layer_v)
     slot_hidden, chunk_x = split(x)

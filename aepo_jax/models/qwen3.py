@@ -180,6 +180,14 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
+def rotary_cos_sin(positions: Array, theta: float, head_dim: int, dtype) -> tuple[Array, Array]:
+    """cos and sin [..., head_dim / 2] of the RoPE angles pos * inv_freq_i, inv_freq_i = theta^(-2i/D), in dtype."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / head_dim))
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
+
+
 def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
     """RoPE (Su et al., arXiv 2104.09864) in the HF "rotate half" layout.
 
@@ -187,10 +195,8 @@ def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
     x * cos(angle ++ angle) + rotate_half(x) * sin(angle ++ angle), rotate_half(a ++ b) = (-b) ++ a.
     """
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angle = positions.astype(jnp.float32)[..., None] * inv_freq
-    angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
+    cos, sin = rotary_cos_sin(positions, theta, x.shape[-1], x.dtype)
+    cos, sin = (jnp.concatenate([a, a], axis=-1)[:, :, None, :] for a in (cos, sin))
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
 
@@ -202,7 +208,8 @@ def _linear(din, dout, dtype, param_dtype, rngs):
 
 class Attention(nnx.Module):
     """Grouped-query attention with per-head q/k RMSNorm and rotary embeddings. fused: the q, k and v
-    projections are one [H, (N + 2K) D] matrix `qkv_proj` (see `fuse_projections`)."""
+    projections are one [H, K (G + 2) D] matrix `qkv_proj` whose output holds, per kv head, the raw
+    projections of its G = N / K query heads, its key and its value (see `grouped_qkv`, `fuse_projections`)."""
 
     def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs, fused: bool = False):
         c = config
@@ -219,19 +226,44 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype)
 
-    def project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
-        """Queries [B,T,N,D], keys and values [B,T,K,D], normed and rotated."""
+    def grouped_qkv(self, x: Array) -> Array:
+        """The raw projections of x [B, T, H] (before the q / k norms and RoPE) grouped by kv head:
+        [B, T, K, G + 2, D], rows 0..G-1 the group's query heads, row G its key, row G + 1 its value. With
+        fused projections this is the one GEMM's output, reshaped."""
         c = self.config
         b, t, _ = x.shape
+        kv, group = c.num_kv_heads, c.num_heads // c.num_kv_heads
         if self.fused:
-            q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.q_norm(q.reshape(b, t, c.num_heads, c.head_dim))
-        k = self.k_norm(k.reshape(b, t, c.num_kv_heads, c.head_dim))
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        return rotary_embedding(q, positions, c.rope_theta), rotary_embedding(k, positions, c.rope_theta), v
+            return self.qkv_proj(x).reshape(b, t, kv, group + 2, c.head_dim)
+        q, k, v = self.raw_qkv(x)
+        return jnp.concatenate([q.reshape(b, t, kv, group, c.head_dim), k[:, :, :, None], v[:, :, :, None]], 3)
+
+    @staticmethod
+    def ungroup(grouped: Array) -> tuple[Array, Array, Array]:
+        """[B, T, K, G + 2, D] (see `grouped_qkv`) -> queries [B, T, N, D], keys and values [B, T, K, D]."""
+        b, t, kv, rows, d = grouped.shape
+        return grouped[..., :-2, :].reshape(b, t, kv * (rows - 2), d), grouped[..., -2, :], grouped[..., -1, :]
+
+    def raw_qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """Queries [B, T, N, D], keys and values [B, T, K, D] before the q / k norms and RoPE."""
+        if self.fused:
+            return self.ungroup(self.grouped_qkv(x))
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k, v = (proj(x).reshape(b, t, c.num_kv_heads, c.head_dim) for proj in (self.k_proj, self.v_proj))
+        return q, k, v
+
+    def normalize_and_rotate(self, q: Array, k: Array, positions: Array) -> tuple[Array, Array]:
+        """RoPE(RMSNorm_q(q)), RoPE(RMSNorm_k(k)) at positions [B, T]."""
+        theta = self.config.rope_theta
+        return (rotary_embedding(self.q_norm(q), positions, theta),
+                rotary_embedding(self.k_norm(k), positions, theta))
+
+    def project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """Queries [B,T,N,D], keys and values [B,T,K,D], normed and rotated."""
+        q, k, v = self.raw_qkv(x)
+        return (*self.normalize_and_rotate(q, k, positions), v)
 
 
 class MLP(nnx.Module):
@@ -266,10 +298,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fused=fused)
 
     def __call__(self, x: Array, positions: Array, attend) -> tuple[Array, Any]:
-        """`attend(q, k, v) -> (out [B, T, heads, D], aux)` is the attention: over the chunk itself (the
-        full-sequence forward) or over a KV cache (the engine, which returns the updated cache as aux)."""
-        q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
-        out, aux = attend(q, k, v)
+        """`attend(attention, h, positions) -> (out [B, T, heads, D], aux)` projects the normed input h with
+        the layer's `Attention` block (`attention.project`, or its raw parts) and attends: over the chunk
+        itself (the full-sequence forward) or over a KV cache (the engine, which returns the updated cache as
+        aux)."""
+        out, aux = attend(self.self_attn, self.input_layernorm(x), positions)
         x = x + self.self_attn.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
         return x + self.mlp(self.post_attention_layernorm(x)), aux
 
@@ -287,11 +320,12 @@ def _self_attending_layer(layer: DecoderLayer, x: Array, positions: Array, mask:
     [B, T, T]; cuDNN (fused flash attention): the first `lengths` [B] tokens of each row are real."""
     scale = layer.self_attn.config.head_dim ** -0.5
     if mask is not None:
-        attend = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale), None)
+        attend = lambda attn, h, pos: (jax.nn.dot_product_attention(*attn.project(h, pos), mask=mask[:, None],
+                                                                    scale=scale), None)
     else:
-        attend = lambda q, k, v: (jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-            implementation="cudnn"), None)
+        attend = lambda attn, h, pos: (jax.nn.dot_product_attention(
+            *attn.project(h, pos), scale=scale, is_causal=True, query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths, implementation="cudnn"), None)
     return layer(x, positions, attend)[0]
 
 
@@ -373,21 +407,23 @@ class Qwen3(nnx.Module):
 # ------------------------------------------------------------------------------------ fused projections
 
 
-_FUSED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
-
-
-def fuse_projection_params(params: Mapping) -> dict:
+def fuse_projection_params(params: Mapping, config: Qwen3Config) -> dict:
     """Pure-dict weights of a `Qwen3` -> those of the same model with fused_projections=True: per layer the
-    kernels of q, k and v (and of gate and up) concatenated along their output axis, so that
-    x [W_q | W_k | W_v] = [x W_q | x W_k | x W_v]. The other weights are the same arrays."""
+    kernels of gate and up concatenated along their output axis (x [W_gate | W_up] = [x W_gate | x W_up]),
+    and those of q, k and v interleaved per kv head h: [W_q of heads hG..hG+G-1 | W_k of h | W_v of h]
+    for h = 0..K-1 (the layout `Attention.grouped_qkv` reads). The other weights are the same arrays."""
+    kv, group, d = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
     layers = {}
     for i, layer in params["layers"].items():
         layer = dict(layer)
-        for block, fused, parts in _FUSED:
-            sub = dict(layer[block])
-            sub[fused] = {"kernel": jnp.concatenate([sub.pop(part)["kernel"] for part in parts], axis=-1)}
-            layer[block] = sub
-        layers[i] = layer
+        attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+        q, k, v = (attn.pop(name)["kernel"] for name in ("q_proj", "k_proj", "v_proj"))
+        hidden = q.shape[0]
+        heads = [q.reshape(hidden, kv, group, d), k.reshape(hidden, kv, 1, d), v.reshape(hidden, kv, 1, d)]
+        attn["qkv_proj"] = {"kernel": jnp.concatenate(heads, axis=2).reshape(hidden, -1)}
+        mlp["gate_up_proj"] = {"kernel": jnp.concatenate([mlp.pop(name)["kernel"] for name in ("gate_proj",
+                                                                                               "up_proj")], -1)}
+        layers[i] = dict(layer, self_attn=attn, mlp=mlp)
     return dict(params, layers=layers)
 
 
@@ -404,7 +440,7 @@ def fuse_projections(model: Qwen3) -> Qwen3:
     abstract = nnx.eval_shape(lambda: Qwen3(model.config, dtype=model.dtype, param_dtype=param_dtype,
                                             remat=model.remat, fused_projections=True))
     graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, fuse_projection_params(nnx.to_pure_dict(nnx.state(model))))
+    nnx.replace_by_pure_dict(state, fuse_projection_params(nnx.to_pure_dict(nnx.state(model)), model.config))
     fused = nnx.merge(graphdef, state)
     fused.attention = model.attention
     return fused
@@ -506,4 +542,5 @@ def config_summary(config: Qwen3Config) -> str:
 
 
 __all__ = ["Qwen3Config", "PRESETS", "preset", "Qwen3", "load_pretrained", "save_pretrained",
-           "count_params", "config_summary", "rotary_embedding", "fuse_projections", "fuse_projection_params"]
+           "count_params", "config_summary", "rotary_embedding", "rotary_cos_sin", "fuse_projections",
+           "fuse_projection_params"]

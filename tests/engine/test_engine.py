@@ -172,12 +172,14 @@ def test_bf16_engine_stays_close_to_the_float32_forward(env, tmp_path):
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu",
                     reason="cuDNN attention needs a GPU; tools/gpu_benchmarks.sh runs this on the device machine")
-def test_cudnn_engine_matches_the_xla_engine():
-    """attention="cudnn" (decode: per-slot key lengths; appended chunks: the slot's prefix read as cache pages,
-    merged with the chunk's causal self-attention) against the einsum attention on the same bf16 model and
-    cache layout: prompts, an appended chunk, then decode in which slot 0 stops after 2 tokens and idles (its
-    cuDNN key length drops to 1), then a chunk appended to slot 0 and decode again, then chunks appended inside
-    a decode call (its lane). max_len 120 is not a whole number of pages: the cuDNN engine's cache is longer."""
+@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+def test_gpu_attention_engine_matches_the_xla_engine(impl):
+    """attention="cudnn" (decode: per-slot key lengths) and "pallas" (decode: the Pallas kernel, which writes the
+    step's keys / values itself), both with appended chunks attending by cuDNN (the slot's prefix read as cache
+    pages, merged with the chunk's causal self-attention), against the einsum attention on the same bf16 model
+    and cache layout: prompts, an appended chunk, then decode in which slot 0 stops after 2 tokens and idles (it
+    reads one key / none), then a chunk appended to slot 0 and decode again, then chunks appended inside a decode
+    call (its lane). max_len 120 is not a whole number of pages: the GPU engines' cache is longer."""
     from flax import nnx
 
     config = qwen3.Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
@@ -185,9 +187,9 @@ def test_cudnn_engine_matches_the_xla_engine():
     model = qwen3.Qwen3(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     prompts, chunks = _prompts(5, (9, 40, 23), vocab=256), _prompts(6, (5, 30), vocab=256)
     seen = {}
-    for impl in ("xla", "cudnn"):
-        engine = Engine(model, num_slots=4, max_len=120, attention=impl, layout="bshd", prefill_buckets=(16, 64))
-        assert engine.cache_buffer_shape()[1] == (128 if impl == "cudnn" else 120)
+    for name in ("xla", impl):
+        engine = Engine(model, num_slots=4, max_len=120, attention=name, layout="bshd", prefill_buckets=(16, 64))
+        assert engine.cache_buffer_shape()[1] == (120 if name == "xla" else 128)
         engine.prefill([0, 1, 2], prompts, sampling=SamplingParams.greedy(), ignore_eos=True,
                        max_length=[9 + 5 + 2, 120, 120])
         after_prompt = np.asarray(engine.state.hidden, np.float32)
@@ -200,17 +202,17 @@ def test_cudnn_engine_matches_the_xla_engine():
         res3 = engine.decode(4, wait_fraction=1.0, appends={1: chunks[1], 2: chunks[0]}).fetch()
         assert list(res3.counts[1:3]) == [3, 3]  # the first of the 4 steps absorbs the chunks
         cache = [np.asarray(engine.state.keys[0][s, :n], np.float32) for s, n in enumerate(res3.lengths[:3])]
-        seen[impl] = (after_prompt[:3], after_chunk[:3],
+        seen[name] = (after_prompt[:3], after_chunk[:3],
                       np.concatenate([r.tokens[:3] for r in (res, res2, res3)], 1),
                       np.concatenate([r.logprobs[:3] for r in (res, res2, res3)], 1), cache,
                       np.asarray(engine.state.hidden, np.float32)[:3])
-    (p_x, c_x, t_x, l_x, k_x, h_x), (p_c, c_c, t_c, l_c, k_c, h_c) = seen["xla"], seen["cudnn"]
+    (p_x, c_x, t_x, l_x, k_x, h_x), (p_g, c_g, t_g, l_g, k_g, h_g) = seen["xla"], seen[impl]
     close = lambda a, b: float(np.abs(a - b).max()) <= 0.03 * float(np.abs(a).max())
-    assert close(p_x, p_c) and close(c_x, c_c) and close(h_x, h_c)
+    assert close(p_x, p_g) and close(c_x, c_g) and close(h_x, h_g)
     assert not close(p_x, c_x)  # the appended chunk changed the next-token states the check compares
-    np.testing.assert_array_equal(t_x, t_c)
-    np.testing.assert_allclose(l_x, l_c, atol=0.05)
-    for a, b in zip(k_x, k_c):
+    np.testing.assert_array_equal(t_x, t_g)
+    np.testing.assert_allclose(l_x, l_g, atol=0.05)
+    for a, b in zip(k_x, k_g):
         assert close(a, b)
 
 
@@ -527,6 +529,13 @@ def test_bad_input_raises_and_other_slots_keep_their_state(env):
         engine.generate([[1]] * 7, max_new_tokens=2)
     with pytest.raises(ValueError, match="more than max_len"):
         engine.generate([list(range(MAX_LEN + 1))], max_new_tokens=2)
+    bf16 = qwen3.Qwen3(env["model"].config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="attention='pallas' needs a head_dim that is a power of two >= 32, got 16"):
+        Engine(bf16, num_slots=2, max_len=32, attention="pallas")
+    with pytest.raises(ValueError, match="attention='cudnn' needs a bf16 / f16 model"):
+        Engine(env["model"], num_slots=2, max_len=32, attention="cudnn")
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        Engine(env["model"], num_slots=2, max_len=32, attention="flash")
 
 
 def test_stop_table_alternatives_and_text():

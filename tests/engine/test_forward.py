@@ -89,3 +89,37 @@ def test_cudnn_chunk_attention_matches_float64_reference():
     valid = np.arange(t)[None, :] < num_new[:, None]
     err = np.abs(np.asarray(out, np.float64) - expected)[valid]
     assert err.max() < 0.03, err.max()
+
+
+def test_pallas_decode_step_equals_the_xla_step():
+    """forward.decode_step with the Pallas kernel (interpreted here) against the einsum attention, float32, same
+    "bshd" cache: slots at different lengths, one that does not write (its row and cache stay untouched), two
+    steps so the second reads the rows the kernel wrote in the first."""
+    from flax import nnx
+
+    from aepo_jax.models import qwen3
+
+    config = qwen3.Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=32, max_position_embeddings=128)
+    model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    shape = forward.cache_shape(config, 3, forward.cache_length(64, "pallas"), "bshd")
+    cache = [tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2)) for _ in range(2)]
+    lengths, write = jnp.array([0, 17, 40], jnp.int32), jnp.array([True, False, True])
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 3)), jnp.int32)
+    step_fn = jax.jit(forward.decode_step, static_argnames=("layout", "impl"))
+    out = {}
+    for impl in ("xla", "pallas"):
+        keys, values = cache
+        hidden = []
+        for step in range(2):
+            h, _, keys, values = step_fn(model, keys, values, tokens[step], lengths + step * write, write,
+                                         layout="bshd", impl=impl)
+            hidden.append(np.asarray(h))
+        out[impl] = hidden, [np.asarray(a) for a in keys + values]
+    tol = 2e-5 if jax.default_backend() == "cpu" else 3e-3  # a GPU's float32 matmuls are TF32 in both paths
+    for a, b in zip(out["xla"][0], out["pallas"][0]):
+        np.testing.assert_allclose(b[[0, 2]], a[[0, 2]], atol=tol)
+    for a, b, old in zip(out["xla"][1], out["pallas"][1], cache[0] + cache[1]):
+        np.testing.assert_allclose(b, a, atol=tol)
+        np.testing.assert_array_equal(b[1], np.asarray(old)[1])  # the idle slot's cache is untouched

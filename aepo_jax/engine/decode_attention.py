@@ -1,0 +1,156 @@
+"""A Qwen3 decode step's attention block for every slot of the pool as one Pallas (Triton) kernel per layer.
+
+Slot s brings one new token at position n_s (it holds n_s cached keys / values: positions [0, n_s) of its rows
+in the "bshd" cache buffers [slots, L, kv_heads, head_dim]) with the raw projections of its query heads,
+key and value (`qwen3.Attention.grouped_qkv`: per kv head its G = heads / kv_heads query heads, its key, its
+value). The kernel finishes the projections as the model does (Qwen3: RMSNorm per head, then RoPE at n_s),
+
+    q_i = RoPE(RMSNorm_q(q_i)),  k' = RoPE(RMSNorm_k(k)),
+
+writes k', v' at position n_s of the cache, in place (the buffers are aliased to the outputs), and attends:
+
+    out_i = sum_j softmax_j(scale * q_i . k_j) v_j   over j in [0, n_s) and the new key / value,
+
+the new token's attention in a causal decoder (flash-decoding's online softmax, Dao et al., FlashAttention-2,
+arXiv 2307.08691: running max m, normaliser l and unnormalised output, rescaled by exp(m_old - m_new) per key
+block). So a decode step needs no separate norm, RoPE or key / value scatter kernels.
+
+One program per (slot, kv head): it loads the group's rows as one tile of T = max(16, 2^ceil(log2(G + 2)))
+rows (rows past G masked out of the queries: the tensor cores need 16; on a GPU masked rows are never read, the
+interpreter reads the tile padded), then streams the slot's keys and values of that kv head in blocks of
+`block_k` positions, each key and value read once for all G heads (cuDNN's fused attention runs one program per
+query head). Keys are read in two halves (RoPE's rotate-half pairs feature i with i + D/2), so the rotation
+needs no shuffle: q . k = q_lo . k_lo + q_hi . k_hi. A slot with write=False (stopped, free, or absorbing
+appended tokens in the lane) reads no cached key: its output is its own value row, which the caller discards.
+
+On a GPU this is a Triton kernel; elsewhere Pallas interprets it (how the CPU tests run it). H100, Qwen3-1.7B,
+64 slots, prompt 256 + 256 steps: 3.138 ms per decode step against 3.433 with cuDNN attention and the separate
+norm / RoPE / scatter kernels (docs/benchmarks.md, session 14). jax 0.11 marks Pallas' Triton backend
+deprecated (its successor on GPU is Mosaic GPU); setup.cfg pins jax < 0.12.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+Array = jax.Array
+_F32 = jnp.float32
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: masked keys never give inf - inf
+
+
+def _norm_rope(lo: Array, hi: Array, weight_ref, cos: Array, sin: Array, eps: float, dtype):
+    """RMSNorm over the D features given as halves lo, hi [..., D/2], then rotate-half RoPE; rounded to `dtype`
+    where the model rounds (after the norm, after the weight, after the rotation)."""
+    half = lo.shape[-1]
+    lo, hi = lo.astype(_F32), hi.astype(_F32)
+    inv = lax.rsqrt((jnp.sum(lo * lo, axis=-1, keepdims=True) + jnp.sum(hi * hi, axis=-1, keepdims=True))
+                    / (2 * half) + eps)
+    w_lo, w_hi = (weight_ref[pl.ds(i * half, half)].astype(_F32) for i in (0, 1))
+    lo = (lo * inv).astype(dtype).astype(_F32) * w_lo
+    hi = (hi * inv).astype(dtype).astype(_F32) * w_hi
+    lo, hi = lo.astype(dtype).astype(_F32), hi.astype(dtype).astype(_F32)
+    return (lo * cos - hi * sin).astype(dtype), (hi * cos + lo * sin).astype(dtype)
+
+
+def _kernel(keys_ref, write_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_norm_ref, k_ref, v_ref,
+            out_ref, k_out_ref, v_out_ref, *, group: int, block_k: int, scale: float, eps: float):
+    tile, d = grouped_ref.shape
+    half = d // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    dtype = k_ref.dtype
+    cos, sin = cos_ref[...].astype(_F32), sin_ref[...].astype(_F32)
+    is_query = (jnp.arange(tile) < group)[:, None]
+    q_lo, q_hi = _norm_rope(plt.load(grouped_ref.at[:, lo], mask=is_query, other=0.0),
+                            plt.load(grouped_ref.at[:, hi], mask=is_query, other=0.0), q_norm_ref, cos, sin, eps,
+                            dtype)                                 # [tile, D/2] each
+    k_lo, k_hi = _norm_rope(grouped_ref[group, lo], grouped_ref[group, hi], k_norm_ref, cos, sin, eps, dtype)
+    v_new = grouped_ref[group + 1, :]
+    # The new key first: the running max is finite from the start.
+    m = (jnp.sum(q_lo.astype(_F32) * k_lo.astype(_F32)[None, :], axis=1)
+         + jnp.sum(q_hi.astype(_F32) * k_hi.astype(_F32)[None, :], axis=1)) * scale
+    l = jnp.ones_like(m)
+    acc = jnp.broadcast_to(v_new.astype(_F32)[None, :], (tile, d))
+    n = keys_ref[0]
+
+    def block(i, carry):
+        acc, m, l = carry
+        rows = pl.ds(i * block_k, block_k)
+        s = (plt.dot(q_lo, k_ref[rows, lo], trans_b=True) + plt.dot(q_hi, k_ref[rows, hi], trans_b=True)) * scale
+        s = jnp.where((i * block_k + jnp.arange(block_k) < n)[None, :], s, _MASKED)   # [tile, block_k] f32
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        rescale = jnp.exp(m - m_new)
+        v = v_ref[rows, :]
+        acc = acc * rescale[:, None] + plt.dot(p.astype(v.dtype), v)
+        return acc, m_new, l * rescale + jnp.sum(p, axis=1)
+
+    acc, m, l = lax.fori_loop(0, pl.cdiv(n, block_k), block, (acc, m, l))
+    plt.store(out_ref, (acc / l[:, None]).astype(out_ref.dtype), mask=is_query)
+    write = jnp.full((1, 1), write_ref[0] != 0)
+    row = pl.ds(n, 1)
+    plt.store(k_out_ref.at[row, lo], k_lo[None, :], mask=write)
+    plt.store(k_out_ref.at[row, hi], k_hi[None, :], mask=write)
+    plt.store(v_out_ref.at[row, :], v_new[None, :], mask=write)
+
+
+def supports(head_dim: int) -> bool:
+    """Whether the kernel takes this head_dim: a power of two >= 32 (each half is a tensor-core operand)."""
+    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
+def decode_attention(grouped: Array, cache_k: Array, cache_v: Array, lengths: Array, write: Array, cos: Array,
+                     sin: Array, q_norm: Array, k_norm: Array, *, eps: float, scale: float, block_k: int = 64,
+                     num_warps: int = 4, num_stages: int = 2,
+                     interpret: bool | None = None) -> tuple[Array, Array, Array]:
+    """Norms, RoPE and attention of each slot's new token over its cache prefix and itself; writes its key /
+    value.
+
+    grouped [S, K, G + 2, D]: raw projections (`qwen3.Attention.grouped_qkv`); cache_k, cache_v [S, L, K, D]
+    ("bshd"); lengths [S] int32: the new token's position = the number of cached keys it reads; write [S]
+    bool: running slots (write=False: read nothing, write nothing); cos, sin [S, D / 2]: the RoPE table at
+    `lengths` (`qwen3.rotary_cos_sin`); q_norm, k_norm [D]: the RMSNorm weights, eps their epsilon. Needs
+    lengths < L where write, and L a multiple of block_k. Returns (out [S, N, D] in grouped's dtype, cache_k,
+    cache_v with k', v' of slot s at row lengths[s] where write). interpret=None: compiled on a GPU,
+    interpreted elsewhere.
+    """
+    s, kv_heads, rows, d = grouped.shape
+    group = rows - 2
+    length = cache_k.shape[1]
+    if group < 1 or cache_k.shape[2] != kv_heads or cache_k.shape[3] != d or d % 2:
+        raise ValueError(f"decode_attention: grouped projections {grouped.shape} do not fit the cache "
+                         f"{cache_k.shape} (expected [S, K, G + 2, D] with the cache's K and an even D)")
+    if not supports(d):
+        raise ValueError(f"decode_attention: head_dim {d} is not supported (needs a power of two >= 32: its halves "
+                         "are tensor-core operands)")
+    if length % block_k:
+        raise ValueError(f"decode_attention: cache length {length} is not a multiple of block_k={block_k}")
+    tile = max(16, 1 << (rows - 1).bit_length())
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    write = write.astype(jnp.int32)
+    keys = jnp.where(write != 0, lengths, 0).astype(jnp.int32)
+    dtype = cache_k.dtype
+    per_slot = pl.BlockSpec((1,), lambda b, h: (b,))
+    rope = pl.BlockSpec((None, d // 2), lambda b, h: (b, 0))
+    weight = pl.BlockSpec((d,), lambda b, h: (0,))
+    head_tile = pl.BlockSpec((None, None, tile, d), lambda b, h: (b, h, 0, 0))
+    cache_rows = pl.BlockSpec((None, length, None, d), lambda b, h: (b, 0, h, 0))
+    out, cache_k, cache_v = pl.pallas_call(
+        functools.partial(_kernel, group=group, block_k=block_k, scale=scale, eps=eps),
+        grid=(s, kv_heads),
+        in_specs=[per_slot, per_slot, head_tile, rope, rope, weight, weight, cache_rows, cache_rows],
+        out_specs=[head_tile, cache_rows, cache_rows],
+        out_shape=[jax.ShapeDtypeStruct((s, kv_heads, group, d), grouped.dtype),
+                   jax.ShapeDtypeStruct(cache_k.shape, dtype), jax.ShapeDtypeStruct(cache_v.shape, dtype)],
+        input_output_aliases={7: 1, 8: 2},
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(keys, write, grouped.astype(dtype), cos, sin, q_norm.astype(dtype), k_norm.astype(dtype), cache_k, cache_v)
+    return out.reshape(s, kv_heads * group, d), cache_k, cache_v

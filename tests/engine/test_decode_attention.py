@@ -1,0 +1,106 @@
+"""The Pallas decode-attention kernel against a float64 reference (interpreted on the CPU, compiled on a GPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aepo_jax.engine import decode_attention as da
+from aepo_jax.models import qwen3
+
+EPS = 1e-6
+
+
+def _norm_rope(x, weight, cos, sin):
+    """float64 RoPE(RMSNorm(x) * weight), rotate-half layout; x [..., D], cos / sin [D / 2]."""
+    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * weight
+    half = x.shape[-1] // 2
+    lo, hi = x[..., :half], x[..., half:]
+    return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
+
+
+def _reference(grouped, cache_k, cache_v, lengths, write, cos, sin, q_w, k_w, scale):
+    """float64: each slot's query heads (normed, rotated) attend to their kv head's first lengths[s] cached keys
+    (none where write is False) and the new key (normed, rotated); also returns the new keys."""
+    s, kv, rows, d = grouped.shape
+    group = rows - 2
+    out = np.zeros((s, kv * group, d))
+    new_k = np.zeros((s, kv, d))
+    for b in range(s):
+        count = lengths[b] if write[b] else 0
+        for h in range(kv):
+            q = _norm_rope(grouped[b, h, :group], q_w, cos[b], sin[b])
+            new_k[b, h] = _norm_rope(grouped[b, h, group], k_w, cos[b], sin[b])
+            keys = np.concatenate([cache_k[b, :count, h], new_k[b, h][None]])
+            vals = np.concatenate([cache_v[b, :count, h], grouped[b, h, group + 1][None]])
+            scores = q @ keys.T * scale
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            out[b, h * group:(h + 1) * group] = p @ vals / p.sum(-1, keepdims=True)
+    return out, new_k
+
+
+def _inputs(rng, slots, length, kv_heads, group, d, lengths):
+    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # what the kernel sees
+    grouped = bf16(rng.standard_normal((slots, kv_heads, group + 2, d)) * 3)
+    cache_k, cache_v = (bf16(rng.standard_normal((slots, length, kv_heads, d))) for _ in range(2))
+    q_w, k_w = (bf16(1 + 0.3 * rng.standard_normal(d)) for _ in range(2))
+    cos, sin = (np.asarray(a, np.float64) for a in
+                qwen3.rotary_cos_sin(jnp.asarray(lengths), 10_000.0, d, jnp.bfloat16))
+    return grouped, cache_k, cache_v, cos, sin, q_w, k_w
+
+
+@pytest.mark.parametrize("kv_heads,group,block_k", [(2, 2, 16), (2, 3, 32), (2, 1, 64), (1, 14, 16)])
+def test_kernel_matches_float64_attention_and_writes_only_the_new_rows(kv_heads, group, block_k):
+    """Group sizes 2, 3 (not a power of two), 1 and 14 (a tile of 16 rows exactly); lengths at 0, inside a
+    block, at block boundaries and at the cache's last position; an idle slot (write=False) reads and writes
+    nothing."""
+    rng = np.random.default_rng(group * 10 + block_k)
+    slots, length, d = 6, 128, 64
+    lengths = np.array([0, 5, block_k - 1, block_k, 97, length - 1], np.int32)
+    write = np.array([True, True, True, True, False, True])
+    grouped, cache_k, cache_v, cos, sin, q_w, k_w = _inputs(rng, slots, length, kv_heads, group, d, lengths)
+    scale = d ** -0.5
+    as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+    out, new_k, new_v = jax.jit(da.decode_attention, static_argnames=("eps", "scale", "block_k"))(
+        as_bf16(grouped), as_bf16(cache_k), as_bf16(cache_v), jnp.asarray(lengths), jnp.asarray(write),
+        as_bf16(cos), as_bf16(sin), as_bf16(q_w), as_bf16(k_w), eps=EPS, scale=scale, block_k=block_k)
+    assert out.shape == (slots, kv_heads * group, d) and out.dtype == jnp.bfloat16
+    expected, expected_k = _reference(grouped, cache_k, cache_v, lengths, write, cos, sin, q_w, k_w, scale)
+    err = np.abs(np.asarray(out, np.float64) - expected).max()
+    assert err < 0.03, err
+    new_k, new_v = np.asarray(new_k, np.float64), np.asarray(new_v, np.float64)
+    written = np.flatnonzero(write)
+    # rows written: the normed, rotated key (bf16 roundings of its steps) and the raw value, exactly
+    np.testing.assert_allclose(new_k[written, lengths[written]], expected_k[written], atol=0.05, rtol=0.02)
+    np.testing.assert_array_equal(new_v[written, lengths[written]], grouped[written, :, group + 1])
+    untouched = np.ones((slots, length), bool)
+    untouched[written, lengths[written]] = False
+    np.testing.assert_array_equal(new_k[untouched], cache_k[untouched])
+    np.testing.assert_array_equal(new_v[untouched], cache_v[untouched])
+
+
+def test_idle_slot_output_is_its_own_value_row():
+    """write=False: no cached key is read, so the softmax is over the new key alone."""
+    rng = np.random.default_rng(0)
+    grouped = jnp.asarray(rng.standard_normal((2, 2, 4, 32)), jnp.bfloat16)
+    cache = jnp.asarray(rng.standard_normal((2, 64, 2, 32)), jnp.bfloat16)
+    ones, rope = jnp.ones(32, jnp.bfloat16), jnp.ones((2, 16), jnp.bfloat16)
+    out, _, _ = da.decode_attention(grouped, cache, cache, jnp.array([30, 7]), jnp.array([False, False]), rope,
+                                    rope, ones, ones, eps=EPS, scale=0.25, block_k=16)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.repeat(grouped[:, :, 3], 2, axis=1)))
+
+
+def test_bad_shapes_are_named():
+    cache = jnp.zeros((2, 64, 2, 32), jnp.bfloat16)
+    lengths, write, rope, w = jnp.zeros(2, jnp.int32), jnp.ones(2, bool), jnp.ones((2, 16)), jnp.ones(32)
+    call = lambda grouped, cache, **kw: da.decode_attention(grouped, cache, cache, lengths, write, rope, rope, w, w,
+                                                           eps=EPS, scale=1.0, **kw)
+    with pytest.raises(ValueError, match=r"grouped projections \(2, 3, 4, 32\) do not fit the cache"):
+        call(jnp.zeros((2, 3, 4, 32)), cache)
+    with pytest.raises(ValueError, match="cache length 64 is not a multiple of block_k=128"):
+        call(jnp.zeros((2, 2, 4, 32)), cache, block_k=128)
+    with pytest.raises(ValueError, match="head_dim 16 is not supported"):
+        call(jnp.zeros((2, 2, 4, 16)), jnp.zeros((2, 64, 2, 16)))
+    assert [da.supports(d) for d in (16, 32, 64, 96, 128, 256)] == [False, True, True, False, True, True]
