@@ -25,33 +25,34 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from aepo_jax.engine import decode_attention as da
 from aepo_jax.engine import forward
 from aepo_jax.models import qwen3
 
 
-EPS = 1e-6
+def _attention_block(heads, kv_heads, head_dim, rng):
+    """A `qwen3.Attention` (only its q / k norms and RoPE are used) with random bf16 norm weights."""
+    config = qwen3.Qwen3Config(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=1, num_heads=heads,
+                               num_kv_heads=kv_heads, head_dim=head_dim)
+    attn = qwen3.Attention(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    for norm in (attn.q_norm, attn.k_norm):
+        norm.weight[...] = jnp.asarray(1 + 0.2 * rng.standard_normal(head_dim), jnp.bfloat16)
+    return attn
 
 
-def _norm(x, w):
-    x32 = x.astype(jnp.float32)
-    return w * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + EPS)).astype(x.dtype)
+def _finish(attn, grouped, lengths):
+    """The model's q / k norms and RoPE on the raw grouped projections [S, K, G + 2, D]: q [S, 1, N, D], k, v."""
+    q, k, v = attn.ungroup(grouped[:, None])
+    return (*attn.normalize_and_rotate(q, k, lengths[:, None]), v)
 
 
-def _finish(grouped, lengths, q_w, k_w, theta):
-    """The model's q / k norms and RoPE (qwen3.Attention.normalize_and_rotate) on the raw grouped projections."""
-    q, k, v = qwen3.Attention.ungroup(grouped[:, None])
-    pos = lengths[:, None]
-    return (qwen3.rotary_embedding(_norm(q, q_w), pos, theta), qwen3.rotary_embedding(_norm(k, k_w), pos, theta),
-            v)
-
-
-def _cudnn_step(grouped, keys, values, lengths, q_w, k_w, theta, scale):
+def _cudnn_step(attn, grouped, keys, values, lengths, scale):
     rows = jnp.arange(grouped.shape[0], dtype=jnp.int32)
     outs, new_k, new_v = [], [], []
     for ck, cv in zip(keys, values):
-        q, k, v = _finish(grouped, lengths, q_w, k_w, theta)
+        q, k, v = _finish(attn, grouped, lengths)
         ck = forward.write_kv(ck, rows, lengths[:, None], k, "bshd")
         cv = forward.write_kv(cv, rows, lengths[:, None], v, "bshd")
         outs.append(jax.nn.dot_product_attention(q, ck, cv, scale=scale, key_value_seq_lengths=lengths + 1,
@@ -61,23 +62,25 @@ def _cudnn_step(grouped, keys, values, lengths, q_w, k_w, theta, scale):
     return outs, tuple(new_k), tuple(new_v)
 
 
-def _pallas_step(grouped, keys, values, lengths, q_w, k_w, theta, scale, block_k, num_warps, num_stages):
+def _pallas_step(attn, grouped, keys, values, lengths, scale, block_k, num_warps, num_stages):
     write = jnp.ones(lengths.shape, bool)
-    cos, sin = qwen3.rotary_cos_sin(lengths, theta, grouped.shape[-1], grouped.dtype)
+    c = attn.config
+    cos, sin = qwen3.rotary_cos_sin(lengths, c.rope_theta, c.head_dim, grouped.dtype)
     outs, new_k, new_v = [], [], []
     for ck, cv in zip(keys, values):
-        out, ck, cv = da.decode_attention(grouped, ck, cv, lengths, write, cos, sin, q_w, k_w, eps=EPS, scale=scale,
-                                          block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+        out, ck, cv = da.decode_attention(grouped, ck, cv, lengths, write, cos, sin, attn.q_norm.weight[...],
+                                          attn.k_norm.weight[...], eps=c.rms_norm_eps, scale=scale, block_k=block_k,
+                                          num_warps=num_warps, num_stages=num_stages)
         outs.append(out)
         new_k.append(ck)
         new_v.append(cv)
     return outs, tuple(new_k), tuple(new_v)
 
 
-def _reference(grouped, ck, cv, lengths, q_w, k_w, theta, scale):
+def _reference(attn, grouped, ck, cv, lengths, scale):
     """float32 attention of each slot over its first lengths keys and the new one."""
     up = lambda a: a.astype(jnp.float32)
-    q, k, v = _finish(up(grouped), lengths, up(q_w), up(k_w), theta)
+    q, k, v = _finish(attn, up(grouped), lengths)
     s = q.shape[0]
     ck = up(ck).at[jnp.arange(s), lengths].set(k[:, 0])
     cv = up(cv).at[jnp.arange(s), lengths].set(v[:, 0])
@@ -98,7 +101,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c]
     s, n, kv, d = args.slots, args.heads, args.kv_heads, args.head_dim
-    scale, theta = d ** -0.5, 1_000_000.0
+    scale = d ** -0.5
     records = []
     for length in (int(x) for x in args.lengths.split(",")):
         cache_len = forward.cache_length(length + 16, "pallas")
@@ -106,19 +109,19 @@ def main(argv=None):
         lengths = jnp.asarray(length + rng.integers(-8, 8, s), jnp.int32)
         bf = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
         grouped = bf(s, kv, n // kv + 2, d)
-        q_w, k_w = (jnp.asarray(1 + 0.2 * rng.standard_normal(d), jnp.bfloat16) for _ in range(2))
+        attn = _attention_block(n, kv, d, rng)
         keys = tuple(bf(s, cache_len, kv, d) for _ in range(args.layers))
         values = tuple(bf(s, cache_len, kv, d) for _ in range(args.layers))
         num_bytes = 2 * args.layers * int(np.sum(np.asarray(lengths) + 1)) * kv * d * 2
-        ref = _reference(grouped, keys[0], values[0], lengths, q_w, k_w, theta, scale)
+        ref = _reference(attn, grouped, keys[0], values[0], lengths, scale)
         variants = [("cudnn", None)] + [(f"pallas {b}:{w}:{st}", (b, w, st)) for b, w, st in configs]
         for name, cfg in variants:
             rec = dict(length=length, variant=name)
             try:
                 if cfg is None:
-                    step = lambda g, ks, vs, ln: _cudnn_step(g, ks, vs, ln, q_w, k_w, theta, scale)
+                    step = lambda g, ks, vs, ln, attn=attn: _cudnn_step(attn, g, ks, vs, ln, scale)
                 else:
-                    step = lambda g, ks, vs, ln, cfg=cfg: _pallas_step(g, ks, vs, ln, q_w, k_w, theta, scale, *cfg)
+                    step = lambda g, ks, vs, ln, attn=attn, cfg=cfg: _pallas_step(attn, g, ks, vs, ln, scale, *cfg)
                 fn = jax.jit(step, donate_argnums=(1, 2))
                 outs, keys, values = fn(grouped, keys, values, lengths)
                 err = float(jnp.linalg.norm(outs[0].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
