@@ -140,6 +140,7 @@ def main(argv=None):
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"[{length} {name}] failed: {rec['error']}", flush=True)
             records.append(rec)
+            print(json.dumps(rec), flush=True)  # as it goes: a time limit keeps what finished
     device = jax.devices()[0]
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=device.device_kind, jax=jax.__version__, args=vars(args))

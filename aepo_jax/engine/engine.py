@@ -43,8 +43,9 @@ sampling mode, appends or not: a call with appends runs the executable with the 
 and release once per row bucket. Appends through the decode lane (lane_rows x lane_width tokens per step,
 static) compile nothing new. On an H100 the lane costs about what the prefill call it replaces does
 (docs/benchmarks.md, session 6): at 64 + 512 rows (8 x 64, the default then) the GEMMs no longer cost only their
-weights. With "pallas" / "cudnn" attention appended rows read their slot's cache in place as pages (the buffers' length
-is max_len rounded up to whole pages, `forward.cache_length`). On a GPU the decode's while loops run inside a
+weights. With "pallas" / "cudnn" attention appended rows read their slot's cache in place (cuDNN as pages, the
+Pallas chunk kernel in blocks of a page: the buffers' length is max_len rounded up to whole pages,
+`forward.cache_length`). On a GPU the decode's while loops run inside a
 CUDA graph, so a decode call returns once launched and the host can queue the next one (session 7).
 """
 
@@ -453,7 +454,8 @@ class Engine:
       prefill_buckets: chunk lengths prefill pads to (default 16, 64, 256, ..., max_len).
       attention: "pallas" (GPU, bf16/f16, "bshd" layout: each decode step's q / k norms, RoPE, key / value
         write and attention over each slot's valid prefix run as one Pallas kernel per layer,
-        `decode_attention`; appended chunks as with "cudnn"), "cudnn" (cuDNN fused attention, same
+        `decode_attention`; appended chunks attend in one pass over their slot's cache in place,
+        `decode_attention.chunk_attention`), "cudnn" (cuDNN fused attention, same
         requirements: decode passes per-slot key lengths, so each slot reads only its valid prefix; appended
         chunks read their slot's prefix in place as cache pages, see `forward.chunk_attention_cudnn`) or "xla"
         (einsum attention with a position mask, float32 scores; any backend). None = "pallas" on GPU when the

@@ -19,10 +19,11 @@ A decode step writes one key / value row per running slot and attends in place (
                    value rows and reads each slot's valid prefix once per kv head (not once per query head).
 A prefill appends chunks to some slots; its queries start at each slot's own offset, which cuDNN's top-left
 causal mask cannot express. The "xla" attention gathers the rows' first `window` positions and applies the
-offset-causal mask [R, T, window] to float32 scores. "cudnn" and "pallas" split each row's keys in two: the
-slot's cache prefix [0, start), read in place as pages by cuDNN paged attention with a padding mask, and the
-chunk's own keys, causal (cuDNN's top-left mask is exact there); the two outputs are merged through their
-log-sum-exps (`merge_partial_attention`). No window is gathered and no mask tensor exists. A decode step can
+offset-causal mask [R, T, window] to float32 scores. "cudnn" splits each row's keys in two: the slot's cache
+prefix [0, start), read in place as pages by cuDNN paged attention with a padding mask, and the chunk's own keys,
+causal (cuDNN's top-left mask is exact there); the two outputs are merged through their log-sum-exps
+(`merge_partial_attention`). "pallas" reads each row's slot in place in one pass with the offset-causal bound
+(`decode_attention.chunk_attention`). No window is gathered and no mask tensor exists. A decode step can
 carry such chunks too (its "lane": tool results appended while the other slots decode), in the same flat
 batch of rows as its decode tokens.
 """
@@ -46,7 +47,7 @@ IMPLS = ("xla", "cudnn", "pallas")  # decode attention (see the module docstring
 
 def cache_length(max_len: int, impl: str) -> int:
     """Positions per slot in the cache buffers: max_len, rounded up to whole pages for "cudnn" and "pallas"
-    attention (their appended chunks read the cache as pages; the Pallas kernel reads blocks of a page)."""
+    attention (cuDNN reads appended chunks' prefixes as pages; the Pallas kernels read blocks of a page)."""
     return max_len if impl == "xla" else -(-max_len // PAGE) * PAGE
 
 
@@ -214,7 +215,8 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
     Real token t of row r is written at position starts[r] + t. Rows whose slot index is out of range
     (padding rows) and padding tokens are not written. impl "xla": einsum attention over the first `window`
     positions of each row's slot (static; the caller guarantees starts + num_new <= window); "cudnn" and
-    "pallas" ("bshd" only; `window` unused): `chunk_attention_cudnn`, reading the slot's prefix in place.
+    "pallas" ("bshd" only; `window` unused) read the slot's prefix in place: `chunk_attention_cudnn`,
+    `decode_attention.chunk_attention`.
     Returns the hidden state [R, H] of each row's last real token and the new key / value buffers.
     """
     _check_impl(impl, layout)
@@ -226,11 +228,11 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
 def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, window: int | None, impl: str):
     """The layers over one flat batch of single-token rows: one per slot (slots = (tokens [S], lengths [S],
     write [S]), see `decode_step`), then every token of `chunk` (attending to its slot up to its own position:
-    "xla" over the first `window` positions, "cudnn" / "pallas" by `chunk_attention_cudnn`). Each layer writes
-    all the new keys / values, then attends: every read of a cache buffer comes after every write to it, so
-    XLA updates it in place ("pallas": the decode kernel reads and writes in one call, between the chunk's
-    writes and reads). Returns the final normed hidden states of the slot rows [S, H] and of each chunk
-    row's last real token [R, H] (None where a part is absent)."""
+    "xla" over the first `window` positions, "cudnn" by `chunk_attention_cudnn`, "pallas" by
+    `decode_attention.chunk_attention`). Each layer writes all the new keys / values, then attends: every read
+    of a cache buffer comes after every write to it, so XLA updates it in place ("pallas": the decode kernel
+    reads and writes in one call, after the chunk's writes). Returns the final normed hidden states of the slot
+    rows [S, H] and of each chunk row's last real token [R, H] (None where a part is absent)."""
     scale = model.config.head_dim ** -0.5
     max_len = keys[0].shape[_seq_axis(layout)]
     tokens, positions = [], []
@@ -251,9 +253,9 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
         r, t = chunk.tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)
         chunk_pos = chunk.starts[:, None] + offsets
-        if impl != "xla":
+        if impl == "cudnn":
             table = page_table(chunk.rows, keys[0].shape[0], max_len, table_rows(r, keys[0].shape[0], max_len))
-        else:
+        elif impl == "xla":
             chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
         tokens.append(chunk.tokens.reshape(r * t, 1))
         positions.append(chunk_pos.reshape(r * t, 1))
@@ -296,7 +298,9 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
             else:
                 outs.append(attention(q_s, layer_k, layer_v, slot_mask, layout, scale))
         if chunk is not None:
-            if impl != "xla":
+            if impl == "pallas":
+                out = decode_attention.chunk_attention(q_c, layer_k, layer_v, chunk.rows, chunk.starts, scale=scale)
+            elif impl == "cudnn":
                 out = chunk_attention_cudnn(q_c, k_c, v_c, layer_k, layer_v, chunk.starts, table, scale)
             else:
                 k_win, v_win = (_rows_window(buf, chunk.rows, window, layout) for buf in (layer_k, layer_v))

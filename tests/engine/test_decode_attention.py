@@ -1,4 +1,5 @@
-"""The Pallas decode-attention kernel against a float64 reference (interpreted on the CPU, compiled on a GPU)."""
+"""The Pallas attention kernels (decode step, appended chunks) against float64 references (interpreted on the CPU,
+compiled on a GPU)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,56 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="head_dim 16 is not supported"):
         call(jnp.zeros((2, 2, 4, 16)), jnp.zeros((2, 64, 2, 16)))
     assert [da.supports(d) for d in (16, 32, 64, 96, 128, 256)] == [False, True, True, False, True, True]
+
+
+def _chunk_reference(q, cache_k, cache_v, rows, starts, scale):
+    """float64: query t of row r (head n, kv head n // G) attends to keys [0, starts[r] + t] of slot rows[r]."""
+    r, t, n, d = q.shape
+    group = n // cache_k.shape[2]
+    out = np.zeros(q.shape)
+    for i in range(r):
+        for j in range(t):
+            keys = slice(0, starts[i] + j + 1)
+            for head in range(n):
+                k, v = cache_k[rows[i], keys, head // group], cache_v[rows[i], keys, head // group]
+                scores = k @ q[i, j, head] * scale
+                p = np.exp(scores - scores.max())
+                out[i, j, head] = p @ v / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("kv_heads,group,t,block_q,block_k", [(2, 2, 24, 16, 16), (2, 3, 20, 64, 32),
+                                                              (1, 14, 5, 32, 64), (2, 1, 1, 64, 64)])
+def test_chunk_kernel_matches_float64_attention(kv_heads, group, t, block_q, block_k):
+    """Rows at offset 0 (a fresh prompt), mid-cache, ending at the cache's last position, and a padding row (slot
+    out of range: its output is not checked, the others are unaffected); query tiles that split a token's heads
+    (G = 3, 14) and padded tiles (T x G not a multiple of block_q); T = 1."""
+    rng = np.random.default_rng(group * 100 + t)
+    slots, length, d = 5, 128, 32
+    rows, starts = np.array([3, 0, 1, 9]), np.array([0, 37, length - t, 4])
+    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # what the kernel sees
+    q = bf16(rng.standard_normal((4, t, kv_heads * group, d)) * 2)
+    cache_k, cache_v = (bf16(rng.standard_normal((slots, length, kv_heads, d))) for _ in range(2))
+    scale = d ** -0.5
+    as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+    out = jax.jit(da.chunk_attention, static_argnames=("scale", "block_q", "block_k"))(
+        as_bf16(q), as_bf16(cache_k), as_bf16(cache_v), jnp.asarray(rows, jnp.int32), jnp.asarray(starts, jnp.int32),
+        scale=scale, block_q=block_q, block_k=block_k)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    expected = _chunk_reference(q[:3], cache_k, cache_v, rows[:3], starts[:3], scale)
+    err = np.abs(np.asarray(out[:3], np.float64) - expected).max()
+    assert err < 0.03, err
+
+
+def test_chunk_kernel_bad_shapes_are_named():
+    cache = jnp.zeros((2, 64, 2, 32), jnp.bfloat16)
+    rows = starts = jnp.zeros(1, jnp.int32)
+    call = lambda q, cache, rows=rows, **kw: da.chunk_attention(q, cache, cache, rows, starts, scale=1.0, **kw)
+    with pytest.raises(ValueError, match=r"queries \(1, 4, 3, 32\), rows \(1,\) and starts \(1,\) do not fit"):
+        call(jnp.zeros((1, 4, 3, 32)), cache)
+    with pytest.raises(ValueError, match=r"rows \(2,\)"):
+        call(jnp.zeros((1, 4, 2, 32)), cache, rows=jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match="cache length 64 is not a multiple of block_k=128"):
+        call(jnp.zeros((1, 4, 2, 32)), cache, block_k=128)
+    with pytest.raises(ValueError, match="head_dim 16 is not supported"):
+        call(jnp.zeros((1, 4, 2, 16)), jnp.zeros((2, 64, 2, 16)))

@@ -123,3 +123,37 @@ def test_pallas_decode_step_equals_the_xla_step():
     for a, b, old in zip(out["xla"][1], out["pallas"][1], cache[0] + cache[1]):
         np.testing.assert_allclose(b, a, atol=tol)
         np.testing.assert_array_equal(b[1], np.asarray(old)[1])  # the idle slot's cache is untouched
+
+
+def test_pallas_chunks_equal_the_xla_chunks():
+    """forward.prefill_chunk and a decode step with a lane, Pallas kernels (interpreted here) against the einsum
+    attention, float32, same "bshd" cache: a prompt at offset 0 and a chunk appended mid-cache (shorter than its
+    padded width), then one step of two decoding slots while a third absorbs a chunk through the lane."""
+    from flax import nnx
+
+    from aepo_jax.models import qwen3
+
+    config = qwen3.Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=6,
+                               num_kv_heads=2, head_dim=32, max_position_embeddings=256)
+    model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    length = forward.cache_length(128, "pallas")
+    shape = forward.cache_shape(config, 3, length, "bshd")
+    cache = tuple(tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2)) for _ in range(2))
+    prompt = forward.Chunk(jnp.asarray(rng.integers(0, 64, (2, 24)), jnp.int32), jnp.array([2, 0], jnp.int32),
+                           jnp.array([0, 50], jnp.int32), jnp.array([24, 13], jnp.int32))
+    lane = forward.Chunk(jnp.asarray(rng.integers(0, 64, (1, 8)), jnp.int32), jnp.array([1], jnp.int32),
+                         jnp.array([30], jnp.int32), jnp.array([6], jnp.int32))
+    tokens, lengths = jnp.asarray(rng.integers(0, 64, 3), jnp.int32), jnp.array([63, 30, 24], jnp.int32)
+    write = jnp.array([True, False, True])
+    prefill = jax.jit(forward.prefill_chunk, static_argnames=("layout", "window", "impl"))
+    step = jax.jit(forward.decode_step, static_argnames=("layout", "impl"))
+    out = {}
+    for impl in ("xla", "pallas"):
+        keys, values = cache
+        h1, keys, values = prefill(model, keys, values, *prompt, layout="bshd", window=length, impl=impl)
+        h2, h3, keys, values = step(model, keys, values, tokens, lengths, write, layout="bshd", impl=impl, lane=lane)
+        out[impl] = [np.asarray(a) for a in (h1, h2[np.array([0, 2])], h3) + keys + values]
+    tol = 2e-5 if jax.default_backend() == "cpu" else 3e-3  # a GPU's float32 matmuls are TF32 in both paths
+    for a, b in zip(out["xla"], out["pallas"]):
+        np.testing.assert_allclose(b, a, atol=tol)
