@@ -72,6 +72,17 @@ def _norm_rope(lo: Array, hi: Array, weight_ref, cos: Array, sin: Array, eps: fl
     return (lo * cos - hi * sin).astype(dtype), (hi * cos + lo * sin).astype(dtype)
 
 
+def _online_softmax_block(carry, s: Array, v: Array):
+    """One key block of the online softmax (FlashAttention-2): carry = (acc [rows, D] unnormalised output,
+    m [rows] running max, l [rows] normaliser), s [rows, block] scaled scores (masked ones _MASKED), v [block, D]:
+        m' = max(m, max_j s_j),  acc' = exp(m - m') acc + exp(s - m') v,  l' = exp(m - m') l + sum_j exp(s_j - m')."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    rescale = jnp.exp(m - m_new)
+    return acc * rescale[:, None] + plt.dot(p.astype(v.dtype), v), m_new, l * rescale + jnp.sum(p, axis=1)
+
+
 def _kernel(keys_ref, write_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_norm_ref, k_ref, v_ref,
             out_ref, k_out_ref, v_out_ref, *, group: int, block_k: int, scale: float, eps: float):
     tile, d = grouped_ref.shape
@@ -93,16 +104,10 @@ def _kernel(keys_ref, write_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_no
     n = keys_ref[0]
 
     def block(i, carry):
-        acc, m, l = carry
         rows = pl.ds(i * block_k, block_k)
         s = (plt.dot(q_lo, k_ref[rows, lo], trans_b=True) + plt.dot(q_hi, k_ref[rows, hi], trans_b=True)) * scale
         s = jnp.where((i * block_k + jnp.arange(block_k) < n)[None, :], s, _MASKED)   # [tile, block_k] f32
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        rescale = jnp.exp(m - m_new)
-        v = v_ref[rows, :]
-        acc = acc * rescale[:, None] + plt.dot(p.astype(v.dtype), v)
-        return acc, m_new, l * rescale + jnp.sum(p, axis=1)
+        return _online_softmax_block(carry, s, v_ref[rows, :])
 
     acc, m, l = lax.fori_loop(0, pl.cdiv(n, block_k), block, (acc, m, l))
     plt.store(out_ref, (acc / l[:, None]).astype(out_ref.dtype), mask=is_query)
@@ -181,16 +186,10 @@ def _chunk_kernel(slot_ref, start_ref, q_ref, k_ref, v_ref, out_ref, *, group: i
     q = q_ref[...]
 
     def block(j, carry):
-        acc, m, l = carry
         cols = pl.ds(j * block_k, block_k)
         s = plt.dot(q, k_ref[slot, cols, head, :], trans_b=True) * scale
         s = jnp.where((j * block_k + jnp.arange(block_k))[None, :] <= position[:, None], s, _MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        rescale = jnp.exp(m - m_new)
-        v = v_ref[slot, cols, head, :]
-        acc = acc * rescale[:, None] + plt.dot(p.astype(v.dtype), v)
-        return acc, m_new, l * rescale + jnp.sum(p, axis=1)
+        return _online_softmax_block(carry, s, v_ref[slot, cols, head, :])
 
     # key 0 is in every row's range, so the first block makes each row's max a real score
     init = (jnp.zeros(q.shape, _F32), jnp.full((block_q,), _MASKED, _F32), jnp.zeros((block_q,), _F32))
