@@ -239,16 +239,19 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
     num_slots = 0 if slots is None else slots[0].shape[0]
     if slots is not None:
         slot_tokens, lengths, write = slots
-        slot_rows = jnp.arange(num_slots, dtype=jnp.int32)
         tokens.append(slot_tokens[:, None])
         positions.append(lengths[:, None])
-        slot_write = jnp.where(write, lengths, max_len)[:, None]
-        slot_mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= lengths[:, None, None]
-        # cuDNN reads each slot's first kv_lengths keys: a slot that writes nothing this step (stopped, free)
-        # reads one, so idle slots cost no KV bandwidth (their outputs are discarded by the caller).
-        kv_lengths = jnp.where(write, jnp.minimum(lengths + 1, max_len), 1).astype(jnp.int32)
-        if impl == "pallas":  # the slot rows' RoPE table, shared by every layer's kernel
+        if impl == "pallas":  # the kernel writes the slot rows' keys / values; their RoPE table, shared by every layer
             cos, sin = qwen3.rotary_cos_sin(lengths, model.config.rope_theta, model.config.head_dim, model.dtype)
+        else:
+            slot_rows = jnp.arange(num_slots, dtype=jnp.int32)
+            slot_write = jnp.where(write, lengths, max_len)[:, None]
+        if impl == "xla":
+            slot_mask = jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= lengths[:, None, None]
+        elif impl == "cudnn":
+            # cuDNN reads each slot's first kv_lengths keys: a slot that writes nothing this step (stopped, free)
+            # reads one, so idle slots cost no KV bandwidth (their outputs are discarded by the caller).
+            kv_lengths = jnp.where(write, jnp.minimum(lengths + 1, max_len), 1).astype(jnp.int32)
     if chunk is not None:
         r, t = chunk.tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)
