@@ -18,7 +18,8 @@ the last few run alone at the end (the tail). Two more figures separate that fro
                                   ends starts the next one, so the tail is paid once per N waves
 The best of --repeats timed runs is reported, and every run with the sampled length of its longest trajectory:
 a run lasts about that many decode steps, so that draw moves the ratio most (H100, 1.7B: ~3.4 points per 100
-tokens, docs/benchmarks.md session 12).
+tokens, docs/benchmarks.md session 12). Every timed run repeats seed 0, so one code meets one draw; --seeds N
+times seeds 0..N-1 too and reports each seed's ratio, its matched-length figure and the mean ratio (`ratio_mean`).
 """
 
 import argparse
@@ -78,6 +79,9 @@ def main(argv=None):
                         help="untimed runs first; every run repeats seed 0, but on a GPU the sampled tokens (hence the "
                              "prefill shapes) can still differ between runs, and a new 1.7B prefill shape compiles "
                              "for ~10 s: more warm-ups, fewer timed runs that compile (each reports its count)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="rollout seeds 0..N-1, each its own draw of trajectories (best of --repeats each); "
+                             "reports every seed's ratio and their mean")
     parser.add_argument("--waves", type=int, default=1, help="trajectories = waves x batch (slots stay batch)")
     parser.add_argument("--tag", default="", help="names the JSON file: rollout_bench_TAG.json")
     parser.add_argument("--attention", default=None, help="engine attention: pallas, cudnn or xla (default: engine's)")
@@ -157,19 +161,37 @@ def main(argv=None):
         rows[name] = dict(tokens_per_s=best[0], metrics=best[1], runs=[r[0] for r in runs])
         if name == "agentic_rollout":
             rows[name]["longest"] = [max(r[1]["sampled_per_traj"]) for r in runs]
+
+    def matched_plain(lengths):
+        plain(lengths)  # warm-up at the new budget
+        return max(plain(lengths)[0] for _ in range(args.repeats))
+
     if args.waves == 1:
-        matched = rows["agentic_rollout"]["metrics"]["sampled_per_traj"]
-        plain(matched)  # warm-up at the new budget
-        rows["plain_decode_matched"] = dict(tokens_per_s=max(plain(matched)[0] for _ in range(args.repeats)))
+        matched = matched_plain(rows["agentic_rollout"]["metrics"]["sampled_per_traj"])
+        rows["plain_decode_matched"] = dict(tokens_per_s=matched)
+    if args.seeds > 1:
+        seeds = [dict(seed=0, tokens_per_s=rows["agentic_rollout"]["tokens_per_s"],
+                      longest=max(rows["agentic_rollout"]["metrics"]["sampled_per_traj"]),
+                      matched_tokens_per_s=rows.get("plain_decode_matched", {}).get("tokens_per_s"))]
+        for seed in range(1, args.seeds):
+            best = max((agentic(seed) for _ in range(args.repeats)), key=lambda r: r[0])
+            seeds.append(dict(seed=seed, tokens_per_s=best[0], longest=max(best[1]["sampled_per_traj"]),
+                              matched_tokens_per_s=matched_plain(best[1]["sampled_per_traj"])
+                              if args.waves == 1 else None))
+        for row in seeds:
+            row["ratio"] = row["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
+        rows["seeds"] = seeds
     if args.breakdown:
         rows["breakdown"] = breakdown(engine, lambda: agentic(0), args.batch)
     if args.timeline:
         rows["timeline"] = timeline(engine, lambda: agentic(0))
     ratio = rows["agentic_rollout"]["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
+    ratio_mean = float(np.mean([r["ratio"] for r in rows["seeds"]])) if "seeds" in rows else ratio
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
                    attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt,
                    response=args.response, tool_every=args.tool_every, wait_fraction=args.wait_fraction,
-                   tool_overlap=args.tool_overlap, overlap_min_running=args.overlap_min_running, ratio=ratio, **rows)
+                   tool_overlap=args.tool_overlap, overlap_min_running=args.overlap_min_running, ratio=ratio,
+                   ratio_mean=ratio_mean, **rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"rollout_bench{'_' * bool(args.tag)}{args.tag}.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -191,6 +213,11 @@ def main(argv=None):
         matched = rows["plain_decode_matched"]["tokens_per_s"]
         print(f"plain decode, matched lengths {matched:10.0f} sampled tokens/s; agentic / matched "
               f"{rows['agentic_rollout']['tokens_per_s'] / matched:.1%}")
+    if "seeds" in rows:
+        print(f"seeds 0..{args.seeds - 1}: mean ratio {ratio_mean:.1%}; " + ", ".join(
+            f"seed {r['seed']} {r['ratio']:.1%} (longest {r['longest']}"
+            + (f", agentic / matched {r['tokens_per_s'] / r['matched_tokens_per_s']:.1%}"
+               if r["matched_tokens_per_s"] else "") + ")" for r in rows["seeds"]))
     if args.breakdown:
         b = rows["breakdown"]
         print(f"breakdown (synchronised run, {b['seconds']:.2f} s, {b['tokens_per_s']:.0f} sampled tokens/s): "

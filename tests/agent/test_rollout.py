@@ -220,7 +220,7 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     from tools import benchmark_rollout
     monkeypatch.setenv("OUT", str(tmp_path))
     summary = benchmark_rollout.main(["--preset", "tiny", "--batch", "4", "--prompt", "8", "--response", "96",
-                                      "--tool_every", "8", "--repeats", "1", "--breakdown", "--timeline",
+                                      "--tool_every", "8", "--repeats", "1", "--seeds", "2", "--breakdown", "--timeline",
                                       "--lane_rows", str(lane_rows), "--tag", "t",
                                       "--tool_overlap" if overlap else "--no-tool_overlap"])
     saved = json.loads((tmp_path / "rollout_bench_t.json").read_text())
@@ -231,6 +231,14 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     assert saved["agentic_rollout"]["longest"] == [max(metrics["sampled_per_traj"])]
     assert saved["ratio"] == pytest.approx(summary["agentic_rollout"]["tokens_per_s"]
                                            / summary["plain_decode"]["tokens_per_s"])
+    # --seeds 2: seed 0 is the run above, seed 1 its own draw; the mean is over both, each against plain decode
+    seeds = saved["seeds"]
+    assert [r["seed"] for r in seeds] == [0, 1]
+    assert seeds[0]["tokens_per_s"] == saved["agentic_rollout"]["tokens_per_s"]
+    assert seeds[0]["matched_tokens_per_s"] == saved["plain_decode_matched"]["tokens_per_s"]
+    assert all(r["ratio"] == pytest.approx(r["tokens_per_s"] / saved["plain_decode"]["tokens_per_s"]) for r in seeds)
+    assert saved["ratio_mean"] == pytest.approx((seeds[0]["ratio"] + seeds[1]["ratio"]) / 2)
+    assert seeds[1]["matched_tokens_per_s"] > 0 and 0 < seeds[1]["longest"] <= 96
     b = saved["breakdown"]
     assert b["prefill_calls"] == 1 if lane_rows else b["prefill_calls"] >= 2  # the prompts (and tool results)
     assert 0 < b["slot_use"] <= 1
