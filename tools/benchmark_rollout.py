@@ -170,16 +170,17 @@ def main(argv=None):
         matched = matched_plain(rows["agentic_rollout"]["metrics"]["sampled_per_traj"])
         rows["plain_decode_matched"] = dict(tokens_per_s=matched)
     if args.seeds > 1:
-        seeds = [dict(seed=0, tokens_per_s=rows["agentic_rollout"]["tokens_per_s"],
-                      longest=max(rows["agentic_rollout"]["metrics"]["sampled_per_traj"]),
-                      matched_tokens_per_s=rows.get("plain_decode_matched", {}).get("tokens_per_s"))]
+        def seed_row(seed, tokens_per_s, sampled, matched):
+            return dict(seed=seed, tokens_per_s=tokens_per_s, longest=max(sampled), matched_tokens_per_s=matched,
+                        ratio=tokens_per_s / rows["plain_decode"]["tokens_per_s"])
+
+        seed0 = rows["agentic_rollout"]
+        seeds = [seed_row(0, seed0["tokens_per_s"], seed0["metrics"]["sampled_per_traj"],
+                          rows.get("plain_decode_matched", {}).get("tokens_per_s"))]
         for seed in range(1, args.seeds):
-            best = max((agentic(seed) for _ in range(args.repeats)), key=lambda r: r[0])
-            seeds.append(dict(seed=seed, tokens_per_s=best[0], longest=max(best[1]["sampled_per_traj"]),
-                              matched_tokens_per_s=matched_plain(best[1]["sampled_per_traj"])
-                              if args.waves == 1 else None))
-        for row in seeds:
-            row["ratio"] = row["tokens_per_s"] / rows["plain_decode"]["tokens_per_s"]
+            tokens_per_s, metrics = max((agentic(seed) for _ in range(args.repeats)), key=lambda r: r[0])
+            sampled = metrics["sampled_per_traj"]
+            seeds.append(seed_row(seed, tokens_per_s, sampled, matched_plain(sampled) if args.waves == 1 else None))
         rows["seeds"] = seeds
     if args.breakdown:
         rows["breakdown"] = breakdown(engine, lambda: agentic(0), args.batch)

@@ -220,8 +220,8 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     from tools import benchmark_rollout
     monkeypatch.setenv("OUT", str(tmp_path))
     summary = benchmark_rollout.main(["--preset", "tiny", "--batch", "4", "--prompt", "8", "--response", "96",
-                                      "--tool_every", "8", "--repeats", "1", "--seeds", "2", "--breakdown", "--timeline",
-                                      "--lane_rows", str(lane_rows), "--tag", "t",
+                                      "--tool_every", "8", "--repeats", "1", "--seeds", "2", "--breakdown",
+                                      "--timeline", "--lane_rows", str(lane_rows), "--tag", "t",
                                       "--tool_overlap" if overlap else "--no-tool_overlap"])
     saved = json.loads((tmp_path / "rollout_bench_t.json").read_text())
     metrics = saved["agentic_rollout"]["metrics"]
