@@ -19,7 +19,8 @@ the last few run alone at the end (the tail). Two more figures separate that fro
 The best of --repeats timed runs is reported, and every run with the sampled length of its longest trajectory:
 a run lasts about that many decode steps, so that draw moves the ratio most (H100, 1.7B: ~3.4 points per 100
 tokens, docs/benchmarks.md session 12). Every timed run repeats seed 0, so one code meets one draw; --seeds N
-times seeds 0..N-1 too and reports each seed's ratio, its matched-length figure and the mean ratio (`ratio_mean`).
+times seeds 0..N-1 too (each after its own --warmups runs) and reports each seed's ratio, its matched-length
+figure, compilations in its timed run (expected 0) and the mean ratio (`ratio_mean`).
 """
 
 import argparse
@@ -170,17 +171,20 @@ def main(argv=None):
         matched = matched_plain(rows["agentic_rollout"]["metrics"]["sampled_per_traj"])
         rows["plain_decode_matched"] = dict(tokens_per_s=matched)
     if args.seeds > 1:
-        def seed_row(seed, tokens_per_s, sampled, matched):
-            return dict(seed=seed, tokens_per_s=tokens_per_s, longest=max(sampled), matched_tokens_per_s=matched,
-                        ratio=tokens_per_s / rows["plain_decode"]["tokens_per_s"])
+        def seed_row(seed, tokens_per_s, metrics, matched):
+            return dict(seed=seed, tokens_per_s=tokens_per_s, longest=max(metrics["sampled_per_traj"]),
+                        matched_tokens_per_s=matched, ratio=tokens_per_s / rows["plain_decode"]["tokens_per_s"],
+                        compilations=metrics["compilations"])
 
         seed0 = rows["agentic_rollout"]
-        seeds = [seed_row(0, seed0["tokens_per_s"], seed0["metrics"]["sampled_per_traj"],
+        seeds = [seed_row(0, seed0["tokens_per_s"], seed0["metrics"],
                           rows.get("plain_decode_matched", {}).get("tokens_per_s"))]
         for seed in range(1, args.seeds):
+            for _ in range(args.warmups):  # a new draw meets new prefill shapes: compile them before timing
+                agentic(seed)
             tokens_per_s, metrics = max((agentic(seed) for _ in range(args.repeats)), key=lambda r: r[0])
-            sampled = metrics["sampled_per_traj"]
-            seeds.append(seed_row(seed, tokens_per_s, sampled, matched_plain(sampled) if args.waves == 1 else None))
+            matched = matched_plain(metrics["sampled_per_traj"]) if args.waves == 1 else None
+            seeds.append(seed_row(seed, tokens_per_s, metrics, matched))
         rows["seeds"] = seeds
     if args.breakdown:
         rows["breakdown"] = breakdown(engine, lambda: agentic(0), args.batch)
@@ -217,6 +221,7 @@ def main(argv=None):
     if "seeds" in rows:
         print(f"seeds 0..{args.seeds - 1}: mean ratio {ratio_mean:.1%}; " + ", ".join(
             f"seed {r['seed']} {r['ratio']:.1%} (longest {r['longest']}"
+            + (f", {r['compilations']} compilations in the timed run" if r["compilations"] else "")
             + (f", agentic / matched {r['tokens_per_s'] / r['matched_tokens_per_s']:.1%}"
                if r["matched_tokens_per_s"] else "") + ")" for r in rows["seeds"]))
     if args.breakdown:

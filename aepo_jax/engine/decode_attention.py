@@ -28,8 +28,9 @@ appended tokens in the lane) reads no cached key: its output is its own value ro
 
 On a GPU this is a Triton kernel; elsewhere Pallas interprets it (how the CPU tests run it). H100, Qwen3-1.7B,
 64 slots, prompt 256 + 256 steps: 3.138 ms per decode step against 3.433 with cuDNN attention and the separate
-norm / RoPE / scatter kernels (docs/benchmarks.md, session 14). jax 0.11 marks Pallas' Triton backend
-deprecated (its successor on GPU is Mosaic GPU); setup.cfg pins jax < 0.12.
+norm / RoPE / scatter kernels (docs/benchmarks.md, session 14); blocks of 32 keys rather than 64: 3.07 -> 3.04 ms
+(session 18). jax 0.11 marks Pallas' Triton backend deprecated (its successor on GPU is Mosaic GPU); setup.cfg
+pins jax < 0.12.
 
 Chunks. Row r appends T tokens to slot rows[r] at positions starts[r] + t, their keys / values already in the
 cache; query t attends to the slot's keys [0, starts[r] + t] (its prefix, then the chunk causally):
@@ -124,7 +125,7 @@ def supports(head_dim: int) -> bool:
 
 
 def decode_attention(grouped: Array, cache_k: Array, cache_v: Array, lengths: Array, write: Array, cos: Array,
-                     sin: Array, q_norm: Array, k_norm: Array, *, eps: float, scale: float, block_k: int = 64,
+                     sin: Array, q_norm: Array, k_norm: Array, *, eps: float, scale: float, block_k: int = 32,
                      num_warps: int = 4, num_stages: int = 2,
                      interpret: bool | None = None) -> tuple[Array, Array, Array]:
     """Norms, RoPE and attention of each slot's new token over its cache prefix and itself; writes its key /

@@ -313,18 +313,18 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
 
     x = model.embed_tokens(jnp.concatenate(tokens))
     positions = jnp.concatenate(positions)
+    next_norms = [layer.input_layernorm for layer in model.layers[1:]] + [model.norm]
+    h = model.layers[0].input_layernorm(x)
     new_keys, new_values = [], []
-    for layer, layer_k, layer_v in zip(model.layers, keys, values):
-        x, (layer_k, layer_v) = layer(x, positions,
-                                      lambda attn, h, pos, lk=layer_k, lv=layer_v: attend(attn, h, pos, lk, lv))
+    for layer, next_norm, layer_k, layer_v in zip(model.layers, next_norms, keys, values):
+        x, h, (layer_k, layer_v) = layer.step(
+            x, h, positions, lambda attn, h, pos, lk=layer_k, lv=layer_v: attend(attn, h, pos, lk, lv), next_norm)
         new_keys.append(layer_k)
         new_values.append(layer_v)
-    slot_hidden, chunk_x = split(x)
-    slot_hidden = model.norm(slot_hidden)[:, 0] if num_slots else None
-    chunk_hidden = None
+    slot_hidden, chunk_hidden = split(h)  # h: the final norm of every row
+    slot_hidden = slot_hidden[:, 0] if num_slots else None
     if chunk is not None:
-        last = jnp.maximum(chunk.num_new - 1, 0)
-        chunk_hidden = model.norm(chunk_x[jnp.arange(r), last][:, None])[:, 0]
+        chunk_hidden = chunk_hidden[jnp.arange(r), jnp.maximum(chunk.num_new - 1, 0)]
     return slot_hidden, chunk_hidden, tuple(new_keys), tuple(new_values)
 
 

@@ -239,6 +239,8 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     assert all(r["ratio"] == pytest.approx(r["tokens_per_s"] / saved["plain_decode"]["tokens_per_s"]) for r in seeds)
     assert saved["ratio_mean"] == pytest.approx((seeds[0]["ratio"] + seeds[1]["ratio"]) / 2)
     assert seeds[1]["matched_tokens_per_s"] > 0 and 0 < seeds[1]["longest"] <= 96
+    assert seeds[0]["compilations"] == metrics["compilations"] == 0  # after the warm-up run of its seed
+    assert seeds[1]["compilations"] == 0  # seed 1 had its own warm-up run (--warmups 1, the default)
     b = saved["breakdown"]
     assert b["prefill_calls"] == 1 if lane_rows else b["prefill_calls"] >= 2  # the prompts (and tool results)
     assert 0 < b["slot_use"] <= 1
