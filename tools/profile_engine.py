@@ -3,9 +3,14 @@
   python tools/profile_engine.py [--preset 1.7b --slots 64 --max_len 1344 --start 600] prefill [--rows 16 --chunk 60]
   python tools/profile_engine.py [...] decode [--steps 16 --appends 0 --chunk 60]
   python tools/profile_engine.py [...] decode_calls   # wall time of one decode call vs its step count
+  python tools/profile_engine.py [...] lane_calls [--steps 4 --chunk 60]   # device time of the lane's appends
 
 `decode_calls` times whole decode calls of 1, 2, 4, ..., 64 steps (the rollout's call width, 64) without the
 profiler and fits wall = fixed + per_step x steps: the fixed part is what each return to the host costs.
+`lane_calls` queues decode calls of `steps` steps back to back, each appending 0, 1, 2, 4 or 8 chunks of `chunk`
+tokens through the lane, without the profiler: the host dispatches each call while the device runs the one
+before (as the rollout loop does), so wall time per call is the device's, and the lane's cost is the difference
+to no appends.
 
 Random bf16 weights. Every slot first holds `start` tokens. `prefill` appends a chunk of `chunk` tokens to
 `rows` slots (a round of tool results in the rollout loop), then rewinds them, so every timed call sees the
@@ -35,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_train_step import op_table  # noqa: E402
 
 from aepo_jax.engine import Engine, SamplingParams  # noqa: E402
+from aepo_jax.engine.engine import DecodeResult  # noqa: E402
 from aepo_jax.models import qwen3  # noqa: E402
 
 
@@ -44,7 +50,7 @@ def _shapes(tree):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("call", choices=("prefill", "decode", "decode_calls"))
+    p.add_argument("call", choices=("prefill", "decode", "decode_calls", "lane_calls"))
     p.add_argument("--preset", default="1.7b")
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--max_len", type=int, default=1344)
@@ -72,6 +78,8 @@ def main(argv=None):
                    sampling=SamplingParams(temperature=1.0), stops=[], ignore_eos=True)
     if args.call == "decode_calls":
         return decode_calls(engine, slots, args.start, args.repeats)
+    if args.call == "lane_calls":
+        return lane_calls(engine, slots, args.start, args.repeats, args.steps, args.chunk, rng)
     rows = slots[:args.rows]
     chunks = rng.integers(0, config.vocab_size, (max(args.rows, args.appends), args.chunk)).tolist()
     recorded = {}
@@ -160,6 +168,57 @@ def decode_calls(engine, slots, start, repeats):
     print(f"{summary['device']} decode calls, {len(slots)} slots at length {start}: "
           + ", ".join(f"{s} steps {ms:.2f} ms" for s, ms in wall.items()))
     print(f"fit: {fixed:.2f} ms per call + {per_step:.3f} ms per step")
+    return summary
+
+
+def lane_calls(engine, slots, start, repeats, steps, chunk, rng, counts=(0, 1, 2, 4, 8)):
+    """Device time of a decode call of `steps` steps (every slot running) that appends n chunks of `chunk` tokens
+    through the lane, per n in counts (up to the slot count): `repeats` calls queued back to back, in two
+    interleaved rounds (their mean; `spread_ms` is the largest difference between a count's two rounds). The
+    appended slots rotate so that none grows far; every round starts from all slots at `start`."""
+    if not 1 <= chunk <= engine.lane_capacity:
+        raise ValueError(f"lane_calls: --chunk {chunk} must be in [1, the engine's lane capacity "
+                         f"{engine.lane_capacity}] (a longer append is prefilled, not laned)")
+    counts = tuple(n for n in counts if n <= len(slots))
+    chunks = rng.integers(0, engine.config.vocab_size, (len(slots), chunk))
+    static = {lane: engine._decode_static(steps, lane_loop=lane) for lane in (False, True)}
+
+    def appends(n, i):  # packed as Engine._pack_appends does (called directly: no host length check per call)
+        packed = np.zeros((len(slots), 1 + engine.lane_capacity), np.int32)
+        for s in ((n * i + j) % len(slots) for j in range(n)):
+            packed[s, 0], packed[s, 1:1 + chunk] = chunk, chunks[s]
+        return packed
+
+    def queued(n):
+        engine.rewind(slots, start, seed=0)
+        engine.prefill(slots, [[1]] * len(slots))
+        jax.block_until_ready(engine.state.lengths)
+        t0 = time.perf_counter()
+        for i in range(repeats):
+            engine.state, out = engine._decode(engine._weights, engine.state, np.int32(steps), np.int32(1),
+                                               np.float32(1.0), appends(n, i), **static[n > 0])
+        jax.block_until_ready(out)
+        wall = (time.perf_counter() - t0) / repeats * 1e3
+        return wall, int(DecodeResult(engine, out, static[n > 0]["width"], engine._version).lane_steps)
+
+    for n in counts:  # compile both executables and warm up
+        queued(n)
+    rounds = [{n: queued(n) for n in counts} for _ in range(2)]
+    ms = {n: float(np.mean([r[n][0] for r in rounds])) for n in counts}
+    summary = dict(device=jax.devices()[0].device_kind, slots=len(slots), start=start, steps=steps, chunk=chunk,
+                   lane=(engine._spec.lane_rows, engine._spec.lane_width), ms_per_call=ms,
+                   lane_ms={n: ms[n] - ms[0] for n in counts},
+                   lane_steps={n: rounds[-1][n][1] for n in counts},
+                   spread_ms=max(abs(rounds[0][n][0] - rounds[1][n][0]) for n in counts))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profile_engine_lane_calls.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    print(f"{summary['device']} lane calls, {len(slots)} slots at length {start}, {steps} steps each, lane "
+          f"{summary['lane'][0]} x {summary['lane'][1]}, {repeats} calls queued "
+          f"(spread {summary['spread_ms']:.2f} ms):")
+    for n in counts:
+        print(f"  {n} x {chunk} appended: {ms[n]:.2f} ms per call, lane +{summary['lane_ms'][n]:.2f} ms "
+              f"({summary['lane_steps'][n]} lane steps)")
     return summary
 
 

@@ -631,6 +631,18 @@ def test_profile_engine_decode_calls_fits_a_per_step_cost(tmp_path, monkeypatch)
     assert abs(fitted[64] - wall[64]) < 0.25 * wall[64]
 
 
+def test_profile_engine_lane_calls_append_through_the_lane(tmp_path, monkeypatch):
+    """tools/profile_engine.py lane_calls on CPU: n appended chunks take ceil(n / lane_rows) lane steps (4 rows),
+    and a call that appends costs more than one that does not."""
+    from tools import profile_engine
+    monkeypatch.setenv("OUT", str(tmp_path))
+    s = profile_engine.main(["lane_calls", "--preset", "tiny", "--slots", "8", "--max_len", "160", "--start", "40",
+                             "--steps", "2", "--chunk", "10", "--repeats", "3"])
+    assert s["lane"] == (4, 64) and s["lane_steps"] == {0: 0, 1: 1, 2: 1, 4: 1, 8: 2}
+    assert s["ms_per_call"][8] > s["ms_per_call"][0] and s["lane_ms"][0] == 0.0
+    assert (tmp_path / "profile_engine_lane_calls.json").exists()
+
+
 def test_row_buckets_waste_under_a_third_and_stay_few():
     buckets = [Engine._row_bucket(n) for n in range(1, 257)]
     assert all(b >= n and (b - n) < b / 3 for n, b in enumerate(buckets, 1))
