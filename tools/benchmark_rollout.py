@@ -75,6 +75,9 @@ def main(argv=None):
                         help="the loop's order (see agent/rollout.py); --no-tool_overlap: read, wait, then decode")
     parser.add_argument("--overlap_min_running", type=int, default=rollout_lib.RolloutConfig.overlap_min_running,
                         help="with --tool_overlap, queue ahead only while at least this many slots run")
+    parser.add_argument("--defer_appends", action=argparse.BooleanOptionalAction,
+                        default=rollout_lib.RolloutConfig.defer_appends,
+                        help="at most lane_rows tool results per decode call, the rest in the next (agent/rollout.py)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmups", type=int, default=1,
                         help="untimed runs first; every run repeats seed 0, but on a GPU the sampled tokens (hence the "
@@ -126,7 +129,8 @@ def main(argv=None):
                                              max_response_tokens=args.response, sampling=sampling,
                                              decode_chunk=args.decode_chunk, wait_fraction=args.wait_fraction,
                                              tool_overlap=args.tool_overlap,
-                                             overlap_min_running=args.overlap_min_running)
+                                             overlap_min_running=args.overlap_min_running,
+                                             defer_appends=args.defer_appends)
         compiles, host = [], dict(decode_dispatch_s=0.0, fetch_wait_s=0.0)
         listener = lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None
 
@@ -195,7 +199,8 @@ def main(argv=None):
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
                    attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt,
                    response=args.response, tool_every=args.tool_every, wait_fraction=args.wait_fraction,
-                   tool_overlap=args.tool_overlap, overlap_min_running=args.overlap_min_running, ratio=ratio,
+                   tool_overlap=args.tool_overlap, overlap_min_running=args.overlap_min_running,
+                   defer_appends=args.defer_appends, ratio=ratio,
                    ratio_mean=ratio_mean, **rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"rollout_bench{'_' * bool(args.tag)}{args.tag}.json"), "w") as f:
@@ -203,11 +208,13 @@ def main(argv=None):
     m = rows["agentic_rollout"]["metrics"]
     print(f"device {summary['device']}  preset {args.preset}  batch {args.batch}  waves {args.waves}  "
           f"attention {engine.attention}  lane {args.lane_rows}x{args.lane_width}  wait_fraction {args.wait_fraction}  "
-          f"tool_overlap {args.tool_overlap} (min running {args.overlap_min_running})")
+          f"tool_overlap {args.tool_overlap} (min running {args.overlap_min_running})  "
+          f"defer_appends {args.defer_appends}")
     print(f"plain decode      {rows['plain_decode']['tokens_per_s']:10.0f} sampled tokens/s")
     print(f"agentic rollout   {rows['agentic_rollout']['tokens_per_s']:10.0f} sampled tokens/s  "
           f"({m.get('rollout/tool_calls_per_traj', 0):.1f} tool calls/trajectory, "
-          f"{m.get('rollout/decode_calls', 0):.0f} decode calls, {m.get('compilations', 0)} compilations)")
+          f"{m.get('rollout/decode_calls', 0):.0f} decode calls, {m.get('rollout/lane_steps', 0):.0f} lane steps, "
+          f"{m.get('compilations', 0)} compilations)")
     print(f"ratio             {ratio:10.1%}  (best of {args.repeats}; every run against the best plain decode: "
           + ", ".join(f"{tps / rows['plain_decode']['tokens_per_s']:.1%} (longest trajectory {n} sampled tokens)"
                       for tps, n in zip(rows["agentic_rollout"]["runs"], rows["agentic_rollout"]["longest"])) + ")")

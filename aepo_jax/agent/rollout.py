@@ -18,6 +18,11 @@ order, never on timing):
   tool_overlap=False  read the result, wait for the tools, then dispatch the next decode call with their
                       results: a calling slot idles only until the current call returns, but the device
                       idles while the host works.
+In both, a decode call gets at most the engine's lane_rows tool results that fit its lane (defer_appends):
+they take one lane step, whose device time hardly depends on how many rows it fills (H100, 1.7B: +1.75 ms
+for one result, +2.03 for four, +3.97 for eight in two steps; docs/benchmarks.md session 19). The others
+wait for the next call, trajectories with the shortest responses (the most budget left) first. Results
+longer than the lane's capacity are prefilled by the engine and never wait.
 
 Trajectories carry what training needs, built once here and never re-tokenised: prompt and response ids,
 the loss mask (1 on sampled tokens, 0 on tool results), the sampler's log-probs and full-vocabulary
@@ -78,6 +83,7 @@ class RolloutConfig:
     wait_fraction: float = 0.0625
     tool_overlap: bool = True        # queue the next decode call before reading the last (module docstring)
     overlap_min_running: int = 8     # ... but only while at least this many slots run (module docstring)
+    defer_appends: bool = True       # at most one lane step of tool results per decode call (module docstring)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -162,7 +168,7 @@ class _Run:
         self.question_consecutive = [0] * len(prompts)
         self.decisions: list[tuple[float, int, bool]] = []  # (dH, consecutive count l, branched)
         self.stats = dict(branches=0, no_slot=0, tool_idle_s=0.0, decode_calls=0, decode_steps=0,
-                          decode_tokens=0, branch_tool_index=[], tool_signals=[])
+                          decode_tokens=0, lane_steps=0, branch_tool_index=[], tool_signals=[])
         self.branching = config.scheduler != "grpo"
         self.probing = False                       # AEPO pre-monitoring phase: no branching, no refill
         self.lam = config.branch_lambda if config.scheduler == "aepo" else 0.0
@@ -282,6 +288,7 @@ class _Run:
         """Appends a decode call's tokens; returns the tool calls of slots that stopped on a tool tag."""
         result = result.fetch()
         self.stats["decode_steps"] += int(result.steps)
+        self.stats["lane_steps"] += int(result.lane_steps)
         self.stats["decode_tokens"] += int(result.counts.sum())
         calls = []
         for slot in sorted(s for s, st in self.status.items() if st == "running"):
@@ -362,15 +369,27 @@ class _Run:
                     self._new(q)
 
     def _running(self) -> int:
+        """Slots that run or will once their pending appends are in."""
         return sum(st == "running" for st in self.status.values())
+
+    def _next_appends(self) -> dict[int, list[int]]:
+        """The appends the next decode call takes; with defer_appends at most lane_rows of those that fit the
+        engine's lane, the trajectories with the shortest responses first (the rest stay pending)."""
+        laned = [s for s, ids in self.appends.items() if len(ids) <= self.engine.lane_capacity]
+        if not self.config.defer_appends or len(laned) <= self.engine.lane_rows:
+            appends, self.appends = self.appends, {}
+            return appends
+        waiting = set(sorted(laned, key=lambda s: (len(self.slot_of[s].response), s))[self.engine.lane_rows:])
+        appends = {s: ids for s, ids in self.appends.items() if s not in waiting}
+        self.appends = {s: ids for s, ids in self.appends.items() if s in waiting}
+        return appends
 
     def _decode(self):
         if not self._running():
             return None
         self.stats["decode_calls"] += 1
-        appends, self.appends = self.appends, {}
         return self.engine.decode(self.config.decode_chunk, wait_fraction=self.config.wait_fraction,
-                                  appends=appends)
+                                  appends=self._next_appends())
 
     def _submit(self, calls):
         return [(slot, call, self.executor.submit(run_tool_call, call, self.tools)) for slot, call in calls]
@@ -466,6 +485,7 @@ class _Run:
             "rollout/max_tool_calls_rate": mean([t.finish_reason == "max_tool_calls" for t in trajs]),
             "rollout/decode_calls": float(self.stats["decode_calls"]),
             "rollout/decode_steps": float(self.stats["decode_steps"]),
+            "rollout/lane_steps": float(self.stats["lane_steps"]),
             # sampled tokens per slot and decode step: how full the compiled batch was
             "rollout/slot_use": self.stats["decode_tokens"] / max(self.stats["decode_steps"]
                                                                   * self.engine.num_slots, 1),

@@ -506,6 +506,7 @@ class Engine:
             raise ValueError(f"lane_rows must be >= 0 and lane_width, lane_capacity >= 1, got {lane_rows}, "
                              f"{lane_width}, {lane_capacity}")
         self.lane_capacity = min(lane_capacity, max_len) if lane_rows else 0
+        self.lane_rows = int(min(lane_rows, num_slots))
         forward.cache_shape(config, 1, 1, layout)  # validates layout
         self.attention = attention
         self.config = config
@@ -536,7 +537,7 @@ class Engine:
                                       for a in (self.stop_table.table, self.stop_table.valid,
                                                 self.stop_table.owner)),
                      key_impl=key_impl, seed=int(seed), attention=attention, unroll=int(unroll),
-                     lane_rows=int(min(lane_rows, num_slots)), lane_width=int(min(lane_width, max_len)))
+                     lane_rows=self.lane_rows, lane_width=int(min(lane_width, max_len)))
         self._spec = spec
         # Command buffers (CUDA graphs) are off for the prefill: updating and launching its graph cost more
         # host time than launching its kernels one by one (H100: 13.84 -> 12.96 ms per call). The decode's
@@ -559,8 +560,10 @@ class Engine:
         self.state = self._initial_state(key_impl)
         # Host mirror: which slots are in use, their sampling settings, their lengths where known. Every call
         # that changes the state bumps _version; _length_version[s] is the version of the last call that set
-        # slot s's length or may have changed it by appending to it.
+        # slot s's length or may have changed it by appending to it. _idle[s]: slot s stopped (as a read result
+        # said) or was rewound, and nothing was appended since, so no decode call moves it.
         self._occupied = np.zeros(num_slots, bool)
+        self._idle = np.zeros(num_slots, bool)
         self._sampling: list[SamplingParams | None] = [None] * num_slots
         self._lengths = np.zeros(num_slots, np.int64)
         self._lengths_known = np.ones(num_slots, bool)
@@ -630,6 +633,7 @@ class Engine:
             learn[:] = True
         self._lengths[learn] = lengths[learn]
         self._lengths_known[learn] = True
+        self._idle[learn] = reason[learn] != RUNNING
 
     def _set_lengths(self, slots, lengths) -> None:
         """Records lengths the host just set (after the call that sets them bumped _version)."""
@@ -768,6 +772,7 @@ class Engine:
             if fresh[i] or has_sp[i]:
                 self._sampling[s] = sp[i]
         self._occupied[slots] = True
+        self._idle[slots] = False
         self._version += 1
         self._set_lengths(slots, starts + sizes)
 
@@ -799,8 +804,10 @@ class Engine:
         self.state, out = self._decode(self._weights, self.state, np.int32(max_steps), np.int32(min_waiting),
                                        np.float32(wait_fraction), packed, **static)
         self._version += 1
-        self._lengths_known[self._occupied] = False
-        self._length_version[packed[:, 0] > 0] = self._version
+        appended = packed[:, 0] > 0
+        self._idle[appended] = False
+        self._lengths_known[self._occupied & ~self._idle] = False  # an idle slot's length stays known
+        self._length_version[appended] = self._version
         return DecodeResult(self, out, static["width"], self._version)
 
     def _pack_appends(self, appends: dict) -> np.ndarray:
@@ -877,6 +884,7 @@ class Engine:
             self._sampling[d] = self._sampling[s]
             self._lengths[d] = self._lengths[s]
             self._lengths_known[d] = self._lengths_known[s]
+            self._idle[d] = self._idle[s]
             self._length_version[d] = self._version
 
     def rewind(self, slots: int | Sequence[int], lengths: int | Sequence[int], *,
@@ -902,6 +910,7 @@ class Engine:
         pad = lambda a, fill: np.concatenate([np.asarray(a, np.int32), np.full(p - len(a), fill, np.int32)])
         self.state = self._rewind(self.state, pad(slots, self.num_slots), pad(lengths, 0), pad(seeds, 0))
         self._version += 1
+        self._idle[slots] = True
         self._set_lengths(slots, lengths)
 
     def release(self, slots: int | Sequence[int]) -> None:
@@ -913,6 +922,7 @@ class Engine:
         rows = np.concatenate([np.asarray(slots, np.int32), np.full(p - len(slots), self.num_slots, np.int32)])
         self.state = self._release(self.state, rows)
         self._occupied[slots] = False
+        self._idle[slots] = False
         self._version += 1
         self._set_lengths(slots, 0)
         for s in slots:

@@ -304,7 +304,7 @@ class Trainer:
             entropy_reduction=cfg.entropy_reduction, max_tool_calls=cfg.max_tool_calls,
             max_response_tokens=cfg.max_response_tokens, sampling=sampling, decode_chunk=cfg.decode_chunk,
             wait_fraction=cfg.wait_fraction, tool_overlap=cfg.tool_overlap,
-            overlap_min_running=cfg.overlap_min_running)
+            overlap_min_running=cfg.overlap_min_running, defer_appends=cfg.defer_appends)
 
     def _prompts(self, records) -> list[list[int]]:
         prompts = [world_lib.encode_prompt(self.tokenizer, r.question, self.cfg.prompt_format)

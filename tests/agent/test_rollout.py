@@ -156,6 +156,35 @@ def test_tool_order_changes_when_slots_run_not_what_they_sample(world):
     assert not all(mixed[2][1:])
 
 
+@pytest.mark.parametrize("tool_overlap", [False, True])
+def test_deferred_appends_give_one_lane_row_each_call_and_the_same_trajectories(world, tool_overlap):
+    """defer_appends: a decode call gets at most the engine's lane_rows tool results (1 here) and the others wait
+    for a later call. Each slot's tokens depend on its seed and history only, so the trajectories are those of a
+    run without deferral; every result still goes through the lane (one lane step per 64 tokens of a result
+    at lane_rows 1, so both runs take the same lane steps), and the host never syncs on slot lengths."""
+    tok, _, _ = world
+
+    def run(defer):
+        engine = Engine(scripted.model(), num_slots=12, max_len=96, eos_ids=[tok.eos_id], lane_rows=1,
+                        stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=tok, seed=0)
+        decode, lengths, per_call, syncs = engine.decode, engine.lengths, [], []
+        engine.lengths = lambda: syncs.append(1) or lengths()
+
+        def counting(*a, appends=None, **kw):
+            per_call.append(len(appends or {}))
+            return decode(*a, appends=appends, **kw)
+
+        engine.decode = counting
+        r = _run(world, "grpo", questions=3, k=4, engine=engine, tool_overlap=tool_overlap, defer_appends=defer)
+        return r, [(t.response, t.mask, t.logprobs) for g in r.groups for t in g], per_call, syncs
+
+    (deferred, trajs, per_call, syncs), (full, full_trajs, full_per_call, full_syncs) = run(True), run(False)
+    assert trajs == full_trajs
+    assert max(full_per_call) >= 2 and max(per_call) == 1 and sum(per_call) == sum(full_per_call)
+    assert deferred.metrics["rollout/lane_steps"] == full.metrics["rollout/lane_steps"] > 0
+    assert syncs == [] == full_syncs
+
+
 @pytest.mark.parametrize("scheduler,lam", [("arpo", 0.0), ("aepo", 0.05)])
 def test_branching_frequency_follows_the_formula(world, scheduler, lam):
     """Observed branches vs the sum over decisions of P(branch | dH, l) from the spec's formula."""

@@ -454,6 +454,33 @@ def test_slots_that_stopped_keep_known_lengths_through_a_queued_call(env, monkey
     assert queued.lengths[2] == len(prompts[2]) + 2 + 1 and queued.counts[1] == 2
 
 
+def test_idle_slots_keep_known_lengths_through_decode_calls_that_leave_them_alone(env, monkeypatch):
+    """A slot that stopped (as a read result says) or was rewound does not move until something is appended to
+    it, so decode calls that leave it alone, even several queued without a read, keep its length known:
+    appending to it later needs no sync, and the length is exact (a chunk one token too long is refused). The
+    rollout defers tool results and branch tokens past such calls."""
+    engine = env["engine"]
+    prompts = _prompts(22, (5, 7, 6))
+    engine.prefill([0, 1, 2], prompts, sampling=SamplingParams(temperature=1.0), stops=[], ignore_eos=True,
+                   max_length=[len(prompts[0]) + 3, MAX_LEN, MAX_LEN], seed=[0, 1, 2])
+    first = engine.decode(4, wait_fraction=1.0)  # slot 0 stops at its budget, slots 1 and 2 run on
+    assert first.stopped_slots() == [0]
+    engine.rewind(2, len(prompts[2]), seed=5)  # slot 2 idles at its prompt's length
+    syncs = []
+    sync = engine.lengths
+    monkeypatch.setattr(engine, "lengths", lambda: syncs.append(1) or sync())
+    engine.decode(3, wait_fraction=1.0)  # only slot 1 runs in these two calls
+    engine.decode(2, wait_fraction=1.0)
+    assert engine._lengths_known[[0, 1, 2]].tolist() == [True, False, True]
+    room = MAX_LEN - (len(prompts[0]) + 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.decode(1, appends={0: [3] * (room + 1)})
+    last = engine.decode(2, wait_fraction=1.0, appends={0: [3] * 2, 2: [4]})
+    assert syncs == []
+    assert last.lengths[0] == len(prompts[0]) + 3 + 2 and last.counts[0] == 0  # over its budget again
+    assert last.counts[2] >= 1 and last.lengths[2] == len(prompts[2]) + 1 + last.counts[2]
+
+
 def _multi_turn(engine, prompts, result):
     engine.prefill([0, 1], prompts, sampling=[SamplingParams.greedy(), SamplingParams(temperature=1.0)],
                    max_length=MAX_LEN - 8, seed=[1, 2])
