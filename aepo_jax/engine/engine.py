@@ -792,8 +792,8 @@ class Engine:
         steps that only absorb (after max_steps or `need` is reached) sample nothing and are not counted.
         The host checks that each append fits its slot. A slot whose length it does not know (one that ran in a
         call whose result has not been read) makes that check read the lengths from the device: a sync, which
-        drains queued calls. The lengths of slots that had stopped by a read result are known (the rollout
-        appends only to those).
+        drains queued calls. Known are the lengths of slots that had stopped by a read result and of rewound
+        slots, through any later decode calls that do not append to them (the rollout appends only to those).
         """
         if max_steps < 1:
             raise ValueError(f"decode: max_steps must be >= 1, got {max_steps}")
