@@ -77,7 +77,8 @@ def main(argv=None):
                         help="with --tool_overlap, queue ahead only while at least this many slots run")
     parser.add_argument("--defer_appends", action=argparse.BooleanOptionalAction,
                         default=rollout_lib.RolloutConfig.defer_appends,
-                        help="at most lane_rows tool results per decode call, the rest in the next (agent/rollout.py)")
+                        help="tool results in whole lane steps per decode call, the rest in the next "
+                             "(agent/rollout.py)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmups", type=int, default=1,
                         help="untimed runs first; every run repeats seed 0, but on a GPU the sampled tokens (hence the "

@@ -18,10 +18,11 @@ order, never on timing):
   tool_overlap=False  read the result, wait for the tools, then dispatch the next decode call with their
                       results: a calling slot idles only until the current call returns, but the device
                       idles while the host works.
-In both, a decode call gets at most the engine's lane_rows tool results that fit its lane (defer_appends):
-they take one lane step, whose device time hardly depends on how many rows it fills (H100, 1.7B: +1.75 ms
-for one result, +2.03 for four, +3.97 for eight in two steps; docs/benchmarks.md session 19). The others
-wait for the next call, trajectories with the shortest responses (the most budget left) first. Results
+In both, with defer_appends, a decode call takes the tool results that fit its lane only in whole lane steps
+(a multiple of the engine's lane_rows; all of them when there are no more): a lane step's device time hardly
+depends on how many rows it fills (H100, 1.7B: +1.75 ms for one result, +2.03 for four, +3.97 for eight in
+two steps; docs/benchmarks.md session 19). The fewer than lane_rows left over join the next call first;
+among the others, the trajectories with the shortest responses (the most budget left) go first. Results
 longer than the lane's capacity are prefilled by the engine and never wait.
 
 Trajectories carry what training needs, built once here and never re-tokenised: prompt and response ids,
@@ -83,7 +84,7 @@ class RolloutConfig:
     wait_fraction: float = 0.0625
     tool_overlap: bool = True        # queue the next decode call before reading the last (module docstring)
     overlap_min_running: int = 8     # ... but only while at least this many slots run (module docstring)
-    defer_appends: bool = True       # at most one lane step of tool results per decode call (module docstring)
+    defer_appends: bool = True       # tool results in whole lane steps per decode call (module docstring)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -163,6 +164,7 @@ class _Run:
         self.slot_of: dict[int, Trajectory] = {}   # occupied slot -> trajectory
         self.ended: list[int] = []                 # slots of finished trajectories, released in one call
         self.appends: dict[int, list[int]] = {}   # slot -> token ids the next decode call appends
+        self.deferred: set[int] = set()            # slots whose appends the last decode call left pending
         self.status: dict[int, str] = {}           # slot -> 'running' | 'tool'
         self.awaiting: dict[int, int] = {}         # slot -> response index of the segment to judge
         self.question_consecutive = [0] * len(prompts)
@@ -373,15 +375,18 @@ class _Run:
         return sum(st == "running" for st in self.status.values())
 
     def _next_appends(self) -> dict[int, list[int]]:
-        """The appends the next decode call takes; with defer_appends at most lane_rows of those that fit the
-        engine's lane, the trajectories with the shortest responses first (the rest stay pending)."""
+        """The appends the next decode call takes. With defer_appends, of those that fit the engine's lane, only
+        whole lane steps' worth (a multiple of lane_rows, at least lane_rows): results deferred last time
+        first, then the trajectories with the shortest responses. So fewer than lane_rows wait, once each."""
+        rows = self.engine.lane_rows
         laned = [s for s, ids in self.appends.items() if len(ids) <= self.engine.lane_capacity]
-        if not self.config.defer_appends or len(laned) <= self.engine.lane_rows:
-            appends, self.appends = self.appends, {}
+        if not self.config.defer_appends or len(laned) <= rows:
+            appends, self.appends, self.deferred = self.appends, {}, set()
             return appends
-        waiting = set(sorted(laned, key=lambda s: (len(self.slot_of[s].response), s))[self.engine.lane_rows:])
-        appends = {s: ids for s, ids in self.appends.items() if s not in waiting}
-        self.appends = {s: ids for s, ids in self.appends.items() if s in waiting}
+        order = sorted(laned, key=lambda s: (s not in self.deferred, len(self.slot_of[s].response), s))
+        self.deferred = set(order[len(laned) // rows * rows:])
+        appends = {s: ids for s, ids in self.appends.items() if s not in self.deferred}
+        self.appends = {s: ids for s, ids in self.appends.items() if s in self.deferred}
         return appends
 
     def _decode(self):

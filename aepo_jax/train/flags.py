@@ -98,9 +98,9 @@ OVERLAP_MIN_RUNNING = flags.DEFINE_integer("overlap_min_running", 8,
                                           "With --tool_overlap, queue ahead only while at least this many slots "
                                           "run; with fewer, each tool result joins the very next call")
 DEFER_APPENDS = flags.DEFINE_bool("defer_appends", True,
-                                  "Give each decode call at most --lane_rows tool results (one lane step, whose "
-                                  "cost hardly depends on how many rows it fills); the others join the next call, "
-                                  "shortest responses first")
+                                  "Give each decode call its tool results in whole lane steps (a multiple of "
+                                  "--lane_rows, whose cost hardly depends on how many rows they fill); the few "
+                                  "left over join the next call first")
 LANE_ROWS = flags.DEFINE_integer("lane_rows", 4,
                                  "Tool results are appended inside the next decode call, the next lane_width "
                                  "tokens of up to this many slots per step (0: a prefill call per round)")

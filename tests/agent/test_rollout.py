@@ -157,15 +157,16 @@ def test_tool_order_changes_when_slots_run_not_what_they_sample(world):
 
 
 @pytest.mark.parametrize("tool_overlap", [False, True])
-def test_deferred_appends_give_one_lane_row_each_call_and_the_same_trajectories(world, tool_overlap):
-    """defer_appends: a decode call gets at most the engine's lane_rows tool results (1 here) and the others wait
-    for a later call. Each slot's tokens depend on its seed and history only, so the trajectories are those of a
-    run without deferral; every result still goes through the lane (one lane step per 64 tokens of a result
-    at lane_rows 1, so both runs take the same lane steps), and the host never syncs on slot lengths."""
+def test_deferred_appends_fill_whole_lane_steps_and_give_the_same_trajectories(world, tool_overlap):
+    """defer_appends: of the tool results ready for a decode call, it takes whole lane steps' worth (a multiple of
+    lane_rows, 5 here; all when there are no more than 5) and the rest join the next call. All 12 slots stop on
+    their tool call together here, so the call without deferral takes 12 results (3 lane steps, the last one
+    part-filled). Each slot's tokens depend on its seed and history only, so the trajectories are those of a run
+    without deferral; every result still goes through the lane, in no more lane steps, with no length sync."""
     tok, _, _ = world
 
     def run(defer):
-        engine = Engine(scripted.model(), num_slots=12, max_len=96, eos_ids=[tok.eos_id], lane_rows=1,
+        engine = Engine(scripted.model(), num_slots=12, max_len=96, eos_ids=[tok.eos_id], lane_rows=5,
                         stop_strings=list(rollout_lib.TOOL_STOPS), tokenizer=tok, seed=0)
         decode, lengths, per_call, syncs = engine.decode, engine.lengths, [], []
         engine.lengths = lambda: syncs.append(1) or lengths()
@@ -180,8 +181,9 @@ def test_deferred_appends_give_one_lane_row_each_call_and_the_same_trajectories(
 
     (deferred, trajs, per_call, syncs), (full, full_trajs, full_per_call, full_syncs) = run(True), run(False)
     assert trajs == full_trajs
-    assert max(full_per_call) >= 2 and max(per_call) == 1 and sum(per_call) == sum(full_per_call)
-    assert deferred.metrics["rollout/lane_steps"] == full.metrics["rollout/lane_steps"] > 0
+    assert 12 in full_per_call and all(n <= 5 or n % 5 == 0 for n in per_call) and 10 in per_call
+    assert sum(per_call) == sum(full_per_call)
+    assert 0 < deferred.metrics["rollout/lane_steps"] <= full.metrics["rollout/lane_steps"]
     assert syncs == [] == full_syncs
 
 
