@@ -141,6 +141,13 @@ def main(argv=None):
     return summary
 
 
+def _restart(engine, slots, start):
+    """Every slot back at `start` and running again (one token appended), the device done with it."""
+    engine.rewind(slots, start, seed=0)
+    engine.prefill(slots, [[1]] * len(slots))
+    jax.block_until_ready(engine.state.lengths)
+
+
 def decode_calls(engine, slots, start, repeats):
     """Median wall time of a decode call (all slots running, no stop) per step count, and the linear fit."""
     static, no_appends = engine._decode_static(64, lane_loop=False), engine._pack_appends({})
@@ -149,9 +156,7 @@ def decode_calls(engine, slots, start, repeats):
     for steps in steps_list:
         times = []
         for i in range(repeats + 1):
-            engine.rewind(slots, start, seed=0)
-            engine.prefill(slots, [[1]] * len(slots))
-            jax.block_until_ready(engine.state.lengths)
+            _restart(engine, slots, start)
             t0 = time.perf_counter()
             engine.state, out = engine._decode(engine._weights, engine.state, np.int32(steps), np.int32(1),
                                                np.float32(1.0), no_appends, **static)
@@ -190,9 +195,7 @@ def lane_calls(engine, slots, start, repeats, steps, chunk, rng, counts=(0, 1, 2
         return packed
 
     def queued(n):
-        engine.rewind(slots, start, seed=0)
-        engine.prefill(slots, [[1]] * len(slots))
-        jax.block_until_ready(engine.state.lengths)
+        _restart(engine, slots, start)
         t0 = time.perf_counter()
         for i in range(repeats):
             engine.state, out = engine._decode(engine._weights, engine.state, np.int32(steps), np.int32(1),
