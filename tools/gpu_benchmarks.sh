@@ -2,8 +2,8 @@
 # The GPU figures of docs/benchmarks.md for the trainer and agent issues, one device call each:
 #   bash tools/gpu_benchmarks.sh rollout   # GPU attention tests, agentic rollout ratio (Pallas, cuDNN, XLA attention)
 #   bash tools/gpu_benchmarks.sh rollout_policy  # rollout ratio at wait_fraction 0.125 (the old default), 4 waves
-#   bash tools/gpu_benchmarks.sh lane      # in-loop appends: a lane step's device time, then the rollout ratio per
-#                                          # lane shape (LANES="8x64 0x64")
+#   bash tools/gpu_benchmarks.sh lane      # in-loop appends: a lane step's device time, the chunk kernel's per tile
+#                                          # setting, then the rollout ratio per lane shape (LANES="8x64 0x64")
 #   bash tools/gpu_benchmarks.sh overlap   # rollout ratio, the loop's sync and overlapped orders (RUNS="sync:0.25 ...")
 #   bash tools/gpu_benchmarks.sh timeline  # device busy / idle per kind of engine call in a rollout
 #   bash tools/gpu_benchmarks.sh prefill_compile  # compile time vs speed of a prefill shape under three GEMM settings
@@ -53,6 +53,7 @@ rollout_policy)  # the loop's wait policy and continuous refill (4 waves of 64 t
 lane)  # tool results appended inside the decode loop (lane rows x width per step) against prefill calls (0)
   run 200 python3 -m pytest -q -p no:cacheprovider $ENGINE_TESTS -k "$GPU_TESTS"
   run 150 python3 tools/profile_engine.py --max_len 1344 --start 600 lane_calls --steps 4 --chunk 60 --repeats 20
+  run 120 python3 tools/benchmark_chunk_attention.py  # the chunk kernel alone, per tile setting
   for lane in ${LANES:-8x64 0x64}; do
     run 280 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
       --tool_every 64 --warmups 2 --repeats 2 --breakdown --lane_rows ${lane%x*} --lane_width ${lane#*x} --tag lane$lane

@@ -32,16 +32,18 @@ norm / RoPE / scatter kernels (docs/benchmarks.md, session 14); blocks of 32 key
 (session 18). jax 0.11 marks Pallas' Triton backend deprecated (its successor on GPU is Mosaic GPU); setup.cfg
 pins jax < 0.12.
 
-Chunks. Row r appends T tokens to slot rows[r] at positions starts[r] + t, their keys / values already in the
-cache; query t attends to the slot's keys [0, starts[r] + t] (its prefix, then the chunk causally):
+Chunks. Row r appends T tokens to slot rows[r] at positions starts[r] + t, given as raw grouped projections
+like a slot's. The kernel finishes them as the decode kernel does (norms, RoPE, key / value writes for the real
+tokens), and query t attends to the slot's keys [0, starts[r] + t] (its cached prefix, then the chunk causally):
 
     out_t = sum_j softmax_j(scale * q_t . k_j) v_j   over j <= starts[r] + t,
 
-in one pass over the slot's cache with the same online softmax, so no separate prefix / chunk calls and no
-merge of their partial results. One program per (row, kv head, block of query rows); a kv head's G query heads
-share its keys, so its rows are the T x G (token, head) pairs and each key block is read once for all of them.
-H100, 1.7B: the 64 x 256 prompt prefill 0.0975 -> 0.095 s, and a lane call (4 rows x 57 tokens at length 600)
-~0.2 ms cheaper than with the two cuDNN calls and the merge (docs/benchmarks.md, session 15).
+in one pass with the same online softmax: the prefix streamed from the cache, the chunk's keys from the
+projections (no program reads back another's writes), so no separate norm, RoPE, scatter or merge kernels. One
+program per (row, kv head, tile of tokens); its G query heads share each key block read. H100, 1.7B, a decode
+lane step (4 rows x 64 tokens at length 600): +1.81 / +2.08 ms of device time with 1 / 4 rows filled when the
+XLA ops finished the projections and wrote the keys / values for a kernel that only attended, +1.45 / +1.64 ms
+with this one (docs/benchmarks.md, session 20).
 """
 
 from __future__ import annotations
@@ -176,75 +178,131 @@ def decode_attention(grouped: Array, cache_k: Array, cache_v: Array, lengths: Ar
     return out.reshape(s, kv_heads * group, d), cache_k, cache_v
 
 
-def _chunk_kernel(slot_ref, start_ref, q_ref, k_ref, v_ref, out_ref, *, group: int, block_k: int, scale: float):
-    block_q = q_ref.shape[0]
-    length = k_ref.shape[1]
-    head = pl.program_id(1)
-    first = pl.program_id(2) * block_q            # the tile's first query row; rows are (token, head) pairs
-    slot, start = slot_ref[0], start_ref[0]
-    position = start + (first + jnp.arange(block_q)) // group          # [block_q]: each row's token position
-    end = jnp.minimum(start + (first + block_q - 1) // group + 1, length)  # keys the tile's last row reads
-    q = q_ref[...]
+def _scores(q: tuple[Array, Array], k_lo: Array, k_hi: Array, scale: float) -> Array:
+    """scale * q . k for query rows q = (lo, hi) [rows, D/2] and keys given as halves [block, D/2]: [rows, block]."""
+    return (plt.dot(q[0], k_lo, trans_b=True) + plt.dot(q[1], k_hi, trans_b=True)) * scale
 
-    def block(j, carry):
+
+def _chunk_kernel(slot_ref, start_ref, count_ref, tile_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_norm_ref,
+                  k_ref, v_ref, out_ref, k_out_ref, v_out_ref, *, group: int, heads: int, block_k: int, scale: float,
+                  eps: float):
+    block_t, _, d = tile_ref.shape                  # this program's tokens: [block_t, >= G + 2, D] raw projections
+    half = d // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    dtype = k_ref.dtype
+    rows = block_t * heads                          # query rows: (token, head) pairs, heads = G rounded up to 2^n
+    head, tile = pl.program_id(1), pl.program_id(2)
+    first = tile * block_t                          # the tile's first token (index into the chunk)
+    slot, start, count = slot_ref[0], start_ref[0], count_ref[0]
+    token = first + jnp.arange(block_t)             # [block_t] chunk indices of the tile's tokens
+    query_token = first + jnp.arange(rows) // heads  # [rows]
+
+    def rope(t0):
+        """The RoPE table (cos, sin) [block_t, D/2] of chunk tokens t0.."""
+        return tuple(ref[pl.ds(t0, block_t), :].astype(_F32) for ref in (cos_ref, sin_ref))
+
+    cos, sin = rope(first)
+    is_query = (jnp.arange(heads) < group)[None, :, None]
+    q_lo, q_hi = _norm_rope(*(plt.load(tile_ref.at[:, pl.ds(0, heads), part], mask=is_query, other=0.0)
+                              for part in (lo, hi)), q_norm_ref, cos[:, None], sin[:, None], eps, dtype)
+    queries = (q_lo.reshape(rows, half), q_hi.reshape(rows, half))   # [block_t, heads, D/2] -> [rows, D/2]
+    k_lo, k_hi = _norm_rope(tile_ref[:, group, lo], tile_ref[:, group, hi], k_norm_ref, cos, sin, eps, dtype)
+    v_new = tile_ref[:, group + 1, :]
+    # The tile's keys / values go to the cache at their positions (real tokens of real rows only); the other tiles'
+    # programs normalise and rotate their own copies from the raw projections, so no program reads them back.
+    kept = (token < count)[:, None]
+    positions = pl.ds(start + first, block_t)
+    plt.store(k_out_ref.at[slot, positions, head, lo], k_lo, mask=kept)
+    plt.store(k_out_ref.at[slot, positions, head, hi], k_hi, mask=kept)
+    plt.store(v_out_ref.at[slot, positions, head, :], v_new, mask=kept)
+
+    def attend(carry, k_lo, k_hi, v, visible):
+        return _online_softmax_block(carry, jnp.where(visible, _scores(queries, k_lo, k_hi, scale), _MASKED), v)
+
+    def prefix_block(j, carry):                     # the slot's cached keys [0, start)
         cols = pl.ds(j * block_k, block_k)
-        s = plt.dot(q, k_ref[slot, cols, head, :], trans_b=True) * scale
-        s = jnp.where((j * block_k + jnp.arange(block_k))[None, :] <= position[:, None], s, _MASKED)
-        return _online_softmax_block(carry, s, v_ref[slot, cols, head, :])
+        visible = (j * block_k + jnp.arange(block_k) < start)[None, :]
+        return attend(carry, k_ref[slot, cols, head, lo], k_ref[slot, cols, head, hi], v_ref[slot, cols, head, :],
+                      visible)
 
-    # key 0 is in every row's range, so the first block makes each row's max a real score
-    init = (jnp.zeros(q.shape, _F32), jnp.full((block_q,), _MASKED, _F32), jnp.zeros((block_q,), _F32))
-    acc, _, l = lax.fori_loop(0, pl.cdiv(end, block_k), block, init)
-    out_ref[...] = (acc / l[:, None]).astype(out_ref.dtype)
+    def chunk_block(c, carry):                      # an earlier tile of the chunk: all its keys are visible
+        t0 = c * block_t
+        tokens = pl.ds(t0, block_t)
+        k_c = _norm_rope(grouped_ref[tokens, group, lo], grouped_ref[tokens, group, hi], k_norm_ref, *rope(t0),
+                         eps, dtype)
+        return attend(carry, *k_c, grouped_ref[tokens, group + 1, :], True)
+
+    init = (jnp.zeros((rows, d), _F32), jnp.full((rows,), _MASKED, _F32), jnp.zeros((rows,), _F32))
+    carry = lax.fori_loop(0, pl.cdiv(start, block_k), prefix_block, init)
+    carry = lax.fori_loop(0, tile, chunk_block, carry)
+    acc, _, l = attend(carry, k_lo, k_hi, v_new, token[None, :] <= query_token[:, None])  # the tile, causally
+    plt.store(out_ref.at[:, pl.ds(0, heads), :], (acc / l[:, None]).astype(out_ref.dtype).reshape(block_t, heads, d),
+              mask=is_query)
 
 
-def chunk_attention(q: Array, cache_k: Array, cache_v: Array, rows: Array, starts: Array, *, scale: float,
-                    block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                    interpret: bool | None = None) -> Array:
-    """Attention of appended chunks over their slots' caches, which already hold the chunks' keys / values.
+def chunk_attention(grouped: Array, cache_k: Array, cache_v: Array, rows: Array, starts: Array, num_new: Array,
+                    cos: Array, sin: Array, q_norm: Array, k_norm: Array, *, eps: float, scale: float,
+                    block_k: int = 64, rows_per_program: int = 64, num_warps: int = 4, num_stages: int = 3,
+                    interpret: bool | None = None) -> tuple[Array, Array, Array]:
+    """Norms, RoPE, cache writes and attention of appended chunks, from their raw projections.
 
-    q [R, T, N, D]: the chunk's queries, normed and rotated, token t of row r at position starts[r] + t of slot
-    rows[r] (rows [R], starts [R] int32; a row whose slot is out of range is padding: its output is garbage,
-    as is that of a query past its row's real tokens); cache_k, cache_v [S, L, K, D] ("bshd"), L a multiple of
-    block_k. Query t reads keys [0, min(starts[r] + t, L - 1)]. Returns [R, T, N, D] in q's dtype.
-    interpret=None: compiled on a GPU, interpreted elsewhere.
+    grouped [R, T, K, G + 2, D]: the raw projections (`qwen3.Attention.grouped_qkv`) of token t of row r, at
+    position starts[r] + t of slot rows[r] (rows, starts, num_new [R] int32; a row whose slot is out of range is
+    padding: nothing written, its output garbage, as is that of a token past num_new[r]); cos, sin [R, T, D/2]:
+    the RoPE table at those positions; q_norm, k_norm [D]: the RMSNorm weights, eps their epsilon; cache_k,
+    cache_v [S, L, K, D] ("bshd"), L a multiple of block_k. Writes the real tokens' keys k' = RoPE(RMSNorm_k(k))
+    and values, and attends: query t reads its slot's keys [0, starts[r] + t]. Returns (out [R, T, N, D] in the
+    cache's dtype, cache_k, cache_v). interpret=None: compiled on a GPU, interpreted elsewhere.
+
+    One program per (row, kv head, tile of tokens), the tile holding rows_per_program // G' tokens (at least 16)
+    for each of the G query heads (G' = G rounded up to a power of two; its rows are the (token, head) pairs, one
+    operand of each product): it streams the slot's cached prefix [0, starts[r]) once for all G, then the
+    chunk's earlier tiles (their keys normed and rotated again from the raw projections), then its own tile. A
+    chunk that is not a whole number of tiles is padded with zero projections (never visible to a real token).
     """
-    r, t, n, d = q.shape
-    slots, length, kv_heads = cache_k.shape[:3]
-    if n % kv_heads or cache_k.shape[3] != d or cache_v.shape != cache_k.shape or rows.shape != (r,) \
-            or starts.shape != (r,):
-        raise ValueError(f"chunk_attention: queries {q.shape}, rows {rows.shape} and starts {starts.shape} do "
-                         f"not fit the cache {cache_k.shape} / {cache_v.shape} (expected q [R, T, N, D], rows and "
-                         "starts [R], N a multiple of the cache's K)")
+    r, t, kv_heads, width, d = grouped.shape
+    group = width - 2
+    slots, length = cache_k.shape[:2]
+    if group < 1 or cache_k.shape[2:] != (kv_heads, d) or cache_v.shape != cache_k.shape \
+            or any(a.shape != (r,) for a in (rows, starts, num_new)) or cos.shape != (r, t, d // 2) \
+            or sin.shape != cos.shape:
+        raise ValueError(f"chunk_attention: projections {grouped.shape}, rows / starts / num_new {rows.shape} / "
+                         f"{starts.shape} / {num_new.shape} and RoPE table {cos.shape} do not fit the cache "
+                         f"{cache_k.shape} / {cache_v.shape} (expected grouped [R, T, K, G + 2, D] with the cache's K "
+                         "and D, [R] rows, [R, T, D / 2] tables)")
     if not supports(d):
         raise ValueError(f"chunk_attention: head_dim {d} is not supported (needs a power of two >= 32)")
     if length % block_k:
         raise ValueError(f"chunk_attention: cache length {length} is not a multiple of block_k={block_k}")
-    group = n // kv_heads
-    per_head = t * group                           # query rows per (row, kv head): (token, head) pairs
-    block_q = max(16, min(block_q, 1 << (per_head - 1).bit_length()))
-    tiles = pl.cdiv(per_head, block_q)
+    heads = 1 << (group - 1).bit_length()          # the group's query heads as a power-of-two tile (masked rows)
+    per_head = max(1, rows_per_program // heads)   # tokens per tile: a power of two, 16 <= it, no more than needed
+    block_t = max(16, min(1 << (per_head.bit_length() - 1), 1 << (t - 1).bit_length()))
+    padded = pl.cdiv(t, block_t) * block_t
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     dtype = cache_k.dtype
-    grouped = q.astype(dtype).reshape(r, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)
-    grouped = jnp.pad(grouped.reshape(r, kv_heads, per_head, d),
-                      ((0, 0), (0, 0), (0, tiles * block_q - per_head), (0, 0)))
     real = (rows >= 0) & (rows < slots)
-    slot = jnp.where(real, rows, 0).astype(jnp.int32)
-    start = jnp.where(real, starts, 0).astype(jnp.int32)
-    per_row = pl.BlockSpec((1,), lambda i, h, j: (i,))
-    tile = pl.BlockSpec((None, None, block_q, d), lambda i, h, j: (i, h, j, 0))
+    per_row = [jnp.where(real, a, 0).astype(jnp.int32) for a in (rows, starts, num_new)]
+    row_spec = pl.BlockSpec((1,), lambda i, h, j: (i,))
+    tile_spec = pl.BlockSpec((None, block_t, None, max(width, heads), d), lambda i, h, j: (i, j, h, 0, 0))
+    chunk_spec = pl.BlockSpec((None, padded, None, width, d), lambda i, h, j: (i, 0, h, 0, 0))
+    rope_spec = pl.BlockSpec((None, padded, d // 2), lambda i, h, j: (i, 0, 0))
+    weight = pl.BlockSpec((d,), lambda i, h, j: (0,))
     cache = pl.BlockSpec(cache_k.shape, lambda i, h, j: (0, 0, 0, 0))   # the slot is data: indexed in the kernel
-    out = pl.pallas_call(
-        functools.partial(_chunk_kernel, group=group, block_k=block_k, scale=scale),
-        grid=(r, kv_heads, tiles),
-        in_specs=[per_row, per_row, tile, cache, cache],
-        out_specs=tile,
-        out_shape=jax.ShapeDtypeStruct(grouped.shape, q.dtype),
+    out_spec = pl.BlockSpec((None, block_t, None, heads, d), lambda i, h, j: (i, j, h, 0, 0))
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - t)) + ((0, 0),) * (a.ndim - 2)) if padded > t else a
+    grouped, cos, sin = pad(grouped.astype(dtype)), pad(cos), pad(sin)
+    out, cache_k, cache_v = pl.pallas_call(
+        functools.partial(_chunk_kernel, group=group, heads=heads, block_k=block_k, scale=scale, eps=eps),
+        grid=(r, kv_heads, padded // block_t),
+        in_specs=[row_spec, row_spec, row_spec, tile_spec, chunk_spec, rope_spec, rope_spec, weight, weight, cache,
+                  cache],
+        out_specs=[out_spec, cache, cache],
+        out_shape=[jax.ShapeDtypeStruct((r, padded, kv_heads, group, d), dtype),
+                   jax.ShapeDtypeStruct(cache_k.shape, dtype), jax.ShapeDtypeStruct(cache_v.shape, dtype)],
+        input_output_aliases={9: 1, 10: 2},
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="chunk_attention",
-    )(slot, start, grouped, cache_k, cache_v)
-    out = out[:, :, :per_head].reshape(r, kv_heads, t, group, d)
-    return out.transpose(0, 2, 1, 3, 4).reshape(r, t, n, d)
+    )(*per_row, grouped, grouped, cos, sin, q_norm.astype(dtype), k_norm.astype(dtype), cache_k, cache_v)
+    return out[:, :t].reshape(r, t, kv_heads * group, d), cache_k, cache_v

@@ -22,7 +22,8 @@ causal mask cannot express. The "xla" attention gathers the rows' first `window`
 offset-causal mask [R, T, window] to float32 scores. "cudnn" splits each row's keys in two: the slot's cache
 prefix [0, start), read in place as pages by cuDNN paged attention with a padding mask, and the chunk's own keys,
 causal (cuDNN's top-left mask is exact there); the two outputs are merged through their log-sum-exps
-(`merge_partial_attention`). "pallas" reads each row's slot in place in one pass with the offset-causal bound
+(`merge_partial_attention`). "pallas" finishes the chunk's raw projections as the decode kernel does (norms,
+RoPE, key / value writes) and reads each row's slot prefix in place, then the chunk causally, in one pass
 (`decode_attention.chunk_attention`). No window is gathered and no mask tensor exists. A decode step can
 carry such chunks too (its "lane": tool results appended while the other slots decode), in the same flat
 batch of rows as its decode tokens.
@@ -230,8 +231,8 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
     write [S]), see `decode_step`), then every token of `chunk` (attending to its slot up to its own position:
     "xla" over the first `window` positions, "cudnn" by `chunk_attention_cudnn`, "pallas" by
     `decode_attention.chunk_attention`). Each layer writes all the new keys / values, then attends: every read
-    of a cache buffer comes after every write to it, so XLA updates it in place ("pallas": the decode kernel
-    reads and writes in one call, after the chunk's writes). Returns the final normed hidden states of the slot
+    of a cache buffer comes after every write to it, so XLA updates it in place ("pallas": the chunk kernel
+    writes and reads in one call, then the decode kernel does). Returns the final normed hidden states of the slot
     rows [S, H] and of each chunk row's last real token [R, H] (None where a part is absent)."""
     scale = model.config.head_dim ** -0.5
     max_len = keys[0].shape[_seq_axis(layout)]
@@ -256,60 +257,66 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
         r, t = chunk.tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)
         chunk_pos = chunk.starts[:, None] + offsets
-        if impl == "cudnn":
-            table = page_table(chunk.rows, keys[0].shape[0], max_len, table_rows(r, keys[0].shape[0], max_len))
-        elif impl == "xla":
-            chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
+        if impl == "pallas":  # the chunk kernel's RoPE table, shared by every layer
+            chunk_cos, chunk_sin = qwen3.rotary_cos_sin(chunk_pos, model.config.rope_theta, model.config.head_dim,
+                                                        model.dtype)
+        else:
+            chunk_write = jnp.where(offsets[None, :] < chunk.num_new[:, None], chunk_pos, max_len)
+            if impl == "cudnn":
+                table = page_table(chunk.rows, keys[0].shape[0], max_len, table_rows(r, keys[0].shape[0], max_len))
+            else:
+                chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
         tokens.append(chunk.tokens.reshape(r * t, 1))
         positions.append(chunk_pos.reshape(r * t, 1))
-        chunk_write = jnp.where(offsets[None, :] < chunk.num_new[:, None], chunk_pos, max_len)
 
     def split(a):
         """[S + R*T, 1, ...] -> the slot rows [S, 1, ...] and the chunk rows [R, T, ...]."""
         return a[:num_slots], (a[num_slots:].reshape((r, t) + a.shape[2:]) if chunk is not None else None)
 
-    def project(attn, h, pos):
-        """(slot rows, chunk rows) of the queries, keys and values; with "pallas" the slot rows stay raw and
-        grouped (the kernel finishes them), so only the chunk rows are normed and rotated here."""
-        if impl != "pallas":
-            return [split(a) for a in attn.project(h, pos)]
+    def join(out_s, out_c):
+        """The attention outputs of the slot rows [S, N, D] and the chunk rows [R, T, N, D] as one flat batch."""
+        outs = ([out_s[:, None]] if num_slots else []) + ([out_c.reshape((r * t, 1) + out_c.shape[2:])]
+                                                          if chunk is not None else [])
+        return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def attend_pallas(attn, h, layer_k, layer_v):
+        """The kernels finish the raw grouped projections (norms, RoPE, cache writes) and attend."""
         grouped_s, grouped_c = split(attn.grouped_qkv(h))
-        q_c = k_c = v_c = None
-        if chunk is not None:
-            q_c, k_c, v_c = attn.ungroup(grouped_c)
-            q_c, k_c = attn.normalize_and_rotate(q_c, k_c, chunk_pos)
-        return (grouped_s[:, 0], q_c), (None, k_c), (None, v_c)
+        norms = dict(q_norm=attn.q_norm.weight[...], k_norm=attn.k_norm.weight[...], eps=attn.q_norm.eps,
+                     scale=scale)
+        out_s = out_c = None
+        if chunk is not None:  # first: the slots' kernel reads the cache after the chunk's writes
+            out_c, layer_k, layer_v = decode_attention.chunk_attention(
+                grouped_c, layer_k, layer_v, chunk.rows, chunk.starts, chunk.num_new, chunk_cos, chunk_sin, **norms)
+        if num_slots:
+            out_s, layer_k, layer_v = decode_attention.decode_attention(
+                grouped_s[:, 0], layer_k, layer_v, lengths, write, cos, sin, **norms)
+        return join(out_s, out_c), (layer_k, layer_v)
 
     def attend(attn, h, pos, layer_k, layer_v):
-        (q_s, q_c), (k_s, k_c), (v_s, v_c) = project(attn, h, pos)
+        if impl == "pallas":
+            return attend_pallas(attn, h, layer_k, layer_v)
+        (q_s, q_c), (k_s, k_c), (v_s, v_c) = [split(a) for a in attn.project(h, pos)]
         writes = (([(chunk.rows, chunk_write, k_c, v_c)] if chunk is not None else [])
-                  + ([(slot_rows, slot_write, k_s, v_s)] if num_slots and impl != "pallas" else []))
+                  + ([(slot_rows, slot_write, k_s, v_s)] if num_slots else []))
         for rows, pos, new_k, new_v in writes:
             layer_k = write_kv(layer_k, rows, pos, new_k, layout)
             layer_v = write_kv(layer_v, rows, pos, new_v, layout)
-        outs = []
+        out_s = out_c = None
         if num_slots:
-            if impl == "pallas":  # q_s: the slot rows' raw grouped projections [S, K, G + 2, D]
-                out, layer_k, layer_v = decode_attention.decode_attention(
-                    q_s, layer_k, layer_v, lengths, write, cos, sin, attn.q_norm.weight[...],
-                    attn.k_norm.weight[...], eps=attn.q_norm.eps, scale=scale)
-                outs.append(out[:, None])
-            elif impl == "cudnn":
-                outs.append(jax.nn.dot_product_attention(
+            if impl == "cudnn":
+                out_s = jax.nn.dot_product_attention(
                     q_s, layer_k.astype(q_s.dtype), layer_v.astype(q_s.dtype), scale=scale,
-                    key_value_seq_lengths=kv_lengths, implementation="cudnn"))
+                    key_value_seq_lengths=kv_lengths, implementation="cudnn")[:, 0]
             else:
-                outs.append(attention(q_s, layer_k, layer_v, slot_mask, layout, scale))
+                out_s = attention(q_s, layer_k, layer_v, slot_mask, layout, scale)[:, 0]
         if chunk is not None:
-            if impl == "pallas":
-                out = decode_attention.chunk_attention(q_c, layer_k, layer_v, chunk.rows, chunk.starts, scale=scale)
-            elif impl == "cudnn":
-                out = chunk_attention_cudnn(q_c, k_c, v_c, layer_k, layer_v, chunk.starts, table, scale)
+            if impl == "cudnn":
+                out_c = chunk_attention_cudnn(q_c, k_c, v_c, layer_k, layer_v, chunk.starts, table, scale)
             else:
                 k_win, v_win = (_rows_window(buf, chunk.rows, window, layout) for buf in (layer_k, layer_v))
-                out = attention(q_c, k_win, v_win, chunk_mask, layout, scale)
-            outs.append(out.reshape((r * t, 1) + out.shape[2:]))
-        return jnp.concatenate(outs) if len(outs) > 1 else outs[0], (layer_k, layer_v)
+                out_c = attention(q_c, k_win, v_win, chunk_mask, layout, scale)
+        return join(out_s, out_c), (layer_k, layer_v)
 
     x = model.embed_tokens(jnp.concatenate(tokens))
     positions = jnp.concatenate(positions)

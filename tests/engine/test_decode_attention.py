@@ -107,54 +107,97 @@ def test_bad_shapes_are_named():
     assert [da.supports(d) for d in (16, 32, 64, 96, 128, 256)] == [False, True, True, False, True, True]
 
 
-def _chunk_reference(q, cache_k, cache_v, rows, starts, scale):
-    """float64: query t of row r (head n, kv head n // G) attends to keys [0, starts[r] + t] of slot rows[r]."""
-    r, t, n, d = q.shape
-    group = n // cache_k.shape[2]
-    out = np.zeros(q.shape)
+def _chunk_reference(grouped, cache_k, cache_v, rows, starts, cos, sin, q_w, k_w, scale):
+    """float64: token t of row r (normed, rotated queries; head n reads kv head n // G) attends to the cached keys
+    [0, starts[r]) of slot rows[r] and to the chunk's own keys (normed, rotated) [0, t]; also returns those keys."""
+    r, t, kv, width, d = grouped.shape
+    group = width - 2
+    out = np.zeros((r, t, kv * group, d))
+    new_k = np.zeros((r, t, kv, d))
     for i in range(r):
-        for j in range(t):
-            keys = slice(0, starts[i] + j + 1)
-            for head in range(n):
-                k, v = cache_k[rows[i], keys, head // group], cache_v[rows[i], keys, head // group]
-                scores = k @ q[i, j, head] * scale
-                p = np.exp(scores - scores.max())
-                out[i, j, head] = p @ v / p.sum()
-    return out
+        for h in range(kv):
+            new_k[i, :, h] = _norm_rope(grouped[i, :, h, group], k_w, cos[i], sin[i])
+            for j in range(t):
+                keys = np.concatenate([cache_k[rows[i], :starts[i], h], new_k[i, :j + 1, h]])
+                vals = np.concatenate([cache_v[rows[i], :starts[i], h], grouped[i, :j + 1, h, group + 1]])
+                q = _norm_rope(grouped[i, j, h, :group], q_w, cos[i, j], sin[i, j])
+                scores = q @ keys.T * scale
+                p = np.exp(scores - scores.max(-1, keepdims=True))
+                out[i, j, h * group:(h + 1) * group] = p @ vals / p.sum(-1, keepdims=True)
+    return out, new_k
 
 
-@pytest.mark.parametrize("kv_heads,group,t,block_q,block_k", [(2, 2, 24, 16, 16), (2, 3, 20, 64, 32),
-                                                              (1, 14, 5, 32, 64), (2, 1, 1, 64, 64)])
-def test_chunk_kernel_matches_float64_attention(kv_heads, group, t, block_q, block_k):
+@pytest.mark.parametrize("kv_heads,group,t,block_k,rows_per_program", [
+    (2, 2, 24, 16, 32), (2, 3, 20, 32, 64), (1, 14, 5, 64, 64), (2, 1, 1, 64, 64), (2, 2, 40, 16, 16)])
+def test_chunk_kernel_matches_float64_attention_and_writes_only_the_real_tokens(kv_heads, group, t, block_k,
+                                                                                 rows_per_program):
     """Rows at offset 0 (a fresh prompt), mid-cache, ending at the cache's last position, and a padding row (slot
-    out of range: its output is not checked, the others are unaffected); query tiles that split a token's heads
-    (G = 3, 14) and padded tiles (T x G not a multiple of block_q); T = 1."""
+    out of range: its output is not checked, nothing written); rows with fewer real tokens than T (the rest not
+    written); tiles of 16 tokens that split the chunk (T = 24, 40: earlier tiles' keys re-derived) or run past it;
+    group sizes 3 and 14; T = 1."""
     rng = np.random.default_rng(group * 100 + t)
     slots, length, d = 5, 128, 32
     rows, starts = np.array([3, 0, 1, 9]), np.array([0, 37, length - t, 4])
+    num_new = np.array([t, max(t - 3, 1), t, t])
     bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # what the kernel sees
-    q = bf16(rng.standard_normal((4, t, kv_heads * group, d)) * 2)
+    grouped = bf16(rng.standard_normal((4, t, kv_heads, group + 2, d)) * 3)
     cache_k, cache_v = (bf16(rng.standard_normal((slots, length, kv_heads, d))) for _ in range(2))
+    q_w, k_w = (bf16(1 + 0.3 * rng.standard_normal(d)) for _ in range(2))
+    positions = starts[:, None] + np.arange(t)
+    cos, sin = (np.asarray(a, np.float64) for a in
+                qwen3.rotary_cos_sin(jnp.asarray(positions), 10_000.0, d, jnp.bfloat16))
     scale = d ** -0.5
     as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
-    out = jax.jit(da.chunk_attention, static_argnames=("scale", "block_q", "block_k"))(
-        as_bf16(q), as_bf16(cache_k), as_bf16(cache_v), jnp.asarray(rows, jnp.int32), jnp.asarray(starts, jnp.int32),
-        scale=scale, block_q=block_q, block_k=block_k)
-    assert out.shape == q.shape and out.dtype == jnp.bfloat16
-    expected = _chunk_reference(q[:3], cache_k, cache_v, rows[:3], starts[:3], scale)
-    err = np.abs(np.asarray(out[:3], np.float64) - expected).max()
-    assert err < 0.03, err
+    as_i32 = lambda a: jnp.asarray(a, jnp.int32)
+    out, new_k, new_v = jax.jit(da.chunk_attention, static_argnames=("eps", "scale", "block_k", "rows_per_program"))(
+        as_bf16(grouped), as_bf16(cache_k), as_bf16(cache_v), as_i32(rows), as_i32(starts), as_i32(num_new),
+        as_bf16(cos), as_bf16(sin), as_bf16(q_w), as_bf16(k_w), eps=EPS, scale=scale, block_k=block_k,
+        rows_per_program=rows_per_program)
+    assert out.shape == (4, t, kv_heads * group, d) and out.dtype == jnp.bfloat16
+    expected, expected_k = _chunk_reference(grouped[:3], cache_k, cache_v, rows[:3], starts[:3], cos[:3], sin[:3],
+                                            q_w, k_w, scale)
+    real = np.arange(t)[None, :] < num_new[:3, None]       # only real tokens' outputs are defined
+    # bf16 output: within a rounding or two of the float64 value (values reach ~10: a bf16 step there is 0.06)
+    np.testing.assert_allclose(np.asarray(out[:3], np.float64)[real], expected[real], atol=0.03, rtol=0.01)
+    new_k, new_v = np.asarray(new_k, np.float64), np.asarray(new_v, np.float64)
+    written = np.zeros((slots, length), bool)
+    for i in range(3):
+        at = starts[i] + np.arange(num_new[i])
+        written[rows[i], at] = True
+        np.testing.assert_allclose(new_k[rows[i], at], expected_k[i, :num_new[i]], atol=0.05, rtol=0.02)
+        np.testing.assert_array_equal(new_v[rows[i], at], grouped[i, :num_new[i], :, group + 1])
+    np.testing.assert_array_equal(new_k[~written], cache_k[~written])
+    np.testing.assert_array_equal(new_v[~written], cache_v[~written])
 
 
 def test_chunk_kernel_bad_shapes_are_named():
     cache = jnp.zeros((2, 64, 2, 32), jnp.bfloat16)
-    rows = starts = jnp.zeros(1, jnp.int32)
-    call = lambda q, cache, rows=rows, **kw: da.chunk_attention(q, cache, cache, rows, starts, scale=1.0, **kw)
-    with pytest.raises(ValueError, match=r"queries \(1, 4, 3, 32\), rows \(1,\) and starts \(1,\) do not fit"):
-        call(jnp.zeros((1, 4, 3, 32)), cache)
-    with pytest.raises(ValueError, match=r"rows \(2,\)"):
-        call(jnp.zeros((1, 4, 2, 32)), cache, rows=jnp.zeros(2, jnp.int32))
+    ids, rope, w = jnp.zeros(1, jnp.int32), jnp.ones((1, 4, 16)), jnp.ones(32)
+    call = lambda grouped, cache, rows=ids, rope=rope, **kw: da.chunk_attention(
+        grouped, cache, cache, rows, ids, ids, rope, rope, w, w, eps=EPS, scale=1.0, **kw)
+    with pytest.raises(ValueError, match=r"projections \(1, 4, 3, 4, 32\), rows / starts / num_new \(1,\) / "
+                                         r"\(1,\) / \(1,\) and RoPE table \(1, 4, 16\) do not fit the cache"):
+        call(jnp.zeros((1, 4, 3, 4, 32)), cache)
+    with pytest.raises(ValueError, match=r"rows / starts / num_new \(2,\)"):
+        call(jnp.zeros((1, 4, 2, 4, 32)), cache, rows=jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match=r"RoPE table \(1, 5, 16\)"):
+        call(jnp.zeros((1, 4, 2, 4, 32)), cache, rope=jnp.ones((1, 5, 16)))
     with pytest.raises(ValueError, match="cache length 64 is not a multiple of block_k=128"):
-        call(jnp.zeros((1, 4, 2, 32)), cache, block_k=128)
+        call(jnp.zeros((1, 4, 2, 4, 32)), cache, block_k=128)
     with pytest.raises(ValueError, match="head_dim 16 is not supported"):
-        call(jnp.zeros((1, 4, 2, 16)), jnp.zeros((2, 64, 2, 16)))
+        call(jnp.zeros((1, 4, 2, 4, 16)), jnp.zeros((2, 64, 2, 16)), rope=jnp.ones((1, 4, 8)))
+
+
+def test_chunk_benchmark_matches_its_float32_reference(tmp_path, monkeypatch):
+    """tools/benchmark_chunk_attention.py on CPU (tiny shapes, interpreted): every tile setting agrees with the
+    float32 reference it prints, is timed, and lands in the JSON."""
+    import json
+
+    from tools import benchmark_chunk_attention
+    monkeypatch.setenv("OUT", str(tmp_path))
+    records = benchmark_chunk_attention.main(["--rows", "2", "--chunk", "20", "--start", "40", "--slots", "4",
+                                              "--heads", "4", "--kv_heads", "2", "--head_dim", "32", "--layers", "2",
+                                              "--repeats", "1", "--configs", "16:32:4:2,32:16:4:3"])
+    assert [r["variant"] for r in records] == ["16:32:4:2", "32:16:4:3"]
+    assert all(r["rel_error"] < 1e-2 and r["ms_per_call"] > 0 for r in records), records
+    assert json.loads((tmp_path / "chunk_attention_bench.json").read_text())["results"] == records
