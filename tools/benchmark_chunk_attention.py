@@ -29,23 +29,20 @@ from aepo_jax.engine import forward
 from aepo_jax.models import qwen3
 
 EPS = 1e-6
+THETA = 1e6
 
 
-def _reference(grouped, cache_k, cache_v, rows, starts, cos, sin, q_w, k_w, scale):
-    """float32: the chunk's queries and keys normed and rotated, its keys / values written, attention with the
-    offset-causal mask over each row's slot."""
+def _reference(grouped, cache_k, cache_v, rows, starts, q_w, k_w, scale):
+    """float32: the model's q / k norms and RoPE on the chunk's projections, its keys / values written, attention
+    with the offset-causal mask over each row's slot."""
     up = lambda a: a.astype(jnp.float32)
-    grouped, cos, sin = up(grouped), up(cos)[:, :, None], up(sin)[:, :, None]
-
-    def norm_rope(x, w):
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + EPS) * up(w)
-        lo, hi = jnp.split(x, 2, axis=-1)
-        return jnp.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], -1)
-
     r, t, kv, width, d = grouped.shape
+    positions = starts[:, None] + jnp.arange(t)
+    norm_rope = lambda x, w: qwen3.rotary_embedding(
+        x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + EPS) * up(w), positions, THETA)
+    grouped = up(grouped)
     q = norm_rope(grouped[:, :, :, :-2].reshape(r, t, -1, d), q_w)
     k, v = norm_rope(grouped[:, :, :, -2], k_w), grouped[:, :, :, -1]
-    positions = starts[:, None] + jnp.arange(t)
     keys = up(cache_k).at[rows[:, None], positions].set(k)[rows]
     values = up(cache_v).at[rows[:, None], positions].set(v)[rows]
     mask = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]
@@ -77,9 +74,9 @@ def main(argv=None):
     rows = jnp.asarray(rng.choice(s, r, replace=False), jnp.int32)
     starts = jnp.asarray(args.start + rng.integers(-8, 8, r), jnp.int32)
     num_new = jnp.full((r,), t, jnp.int32)
-    cos, sin = qwen3.rotary_cos_sin(starts[:, None] + jnp.arange(t), 1e6, d, jnp.bfloat16)
+    cos, sin = qwen3.rotary_cos_sin(starts[:, None] + jnp.arange(t), THETA, d, jnp.bfloat16)
     q_w, k_w = bf(d) * 0.2 + 1, bf(d) * 0.2 + 1
-    ref = _reference(grouped, keys[0], values[0], rows, starts, cos, sin, q_w, k_w, scale)
+    ref = _reference(grouped, keys[0], values[0], rows, starts, q_w, k_w, scale)
     records = []
     for cfg in configs:
         block_k, per_program, warps, stages = cfg

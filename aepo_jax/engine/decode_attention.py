@@ -86,6 +86,11 @@ def _online_softmax_block(carry, s: Array, v: Array):
     return acc * rescale[:, None] + plt.dot(p.astype(v.dtype), v), m_new, l * rescale + jnp.sum(p, axis=1)
 
 
+def _scores(q: tuple[Array, Array], k_lo: Array, k_hi: Array, scale: float) -> Array:
+    """scale * q . k for query rows q = (lo, hi) [rows, D/2] and keys given as halves [block, D/2]: [rows, block]."""
+    return (plt.dot(q[0], k_lo, trans_b=True) + plt.dot(q[1], k_hi, trans_b=True)) * scale
+
+
 def _kernel(keys_ref, write_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_norm_ref, k_ref, v_ref,
             out_ref, k_out_ref, v_out_ref, *, group: int, block_k: int, scale: float, eps: float):
     tile, d = grouped_ref.shape
@@ -108,7 +113,7 @@ def _kernel(keys_ref, write_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_no
 
     def block(i, carry):
         rows = pl.ds(i * block_k, block_k)
-        s = (plt.dot(q_lo, k_ref[rows, lo], trans_b=True) + plt.dot(q_hi, k_ref[rows, hi], trans_b=True)) * scale
+        s = _scores((q_lo, q_hi), k_ref[rows, lo], k_ref[rows, hi], scale)
         s = jnp.where((i * block_k + jnp.arange(block_k) < n)[None, :], s, _MASKED)   # [tile, block_k] f32
         return _online_softmax_block(carry, s, v_ref[rows, :])
 
@@ -176,11 +181,6 @@ def decode_attention(grouped: Array, cache_k: Array, cache_v: Array, lengths: Ar
         name="decode_attention",
     )(keys, write, grouped.astype(dtype), cos, sin, q_norm.astype(dtype), k_norm.astype(dtype), cache_k, cache_v)
     return out.reshape(s, kv_heads * group, d), cache_k, cache_v
-
-
-def _scores(q: tuple[Array, Array], k_lo: Array, k_hi: Array, scale: float) -> Array:
-    """scale * q . k for query rows q = (lo, hi) [rows, D/2] and keys given as halves [block, D/2]: [rows, block]."""
-    return (plt.dot(q[0], k_lo, trans_b=True) + plt.dot(q[1], k_hi, trans_b=True)) * scale
 
 
 def _chunk_kernel(slot_ref, start_ref, count_ref, tile_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_norm_ref,
