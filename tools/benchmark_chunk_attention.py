@@ -3,7 +3,7 @@ attention of appended chunks (a decode lane's tool results, a prefill) from thei
 norms, RoPE and cache writes it does itself.
 
   python tools/benchmark_chunk_attention.py [--rows 4 --chunk 64 --start 600 --heads 16 --kv_heads 8
-                                             --head_dim 128 --layers 28 --configs 64:64:4:2,128:64:4:2]
+                                             --head_dim 128 --layers 28 --configs 64:64:4:3,64:32:4:3]
 
 Each config is block_k:rows_per_program:num_warps:num_stages. Every layer has its own cache buffers (64 slots,
 donated), rows at the given start (+-8 positions). Time = median over samples of 5 chained calls (dispatch
@@ -59,7 +59,7 @@ def main(argv=None):
     p.add_argument("--kv_heads", type=int, default=8)
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=28)
-    p.add_argument("--configs", default="64:64:4:2,128:64:4:2,64:32:4:2,64:128:4:2,64:64:8:2,64:64:4:3,32:64:4:2")
+    p.add_argument("--configs", default="64:64:4:3,64:32:4:3,64:32:4:4,32:32:4:3,64:32:8:3,64:64:4:2")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c]

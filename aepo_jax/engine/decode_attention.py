@@ -43,7 +43,8 @@ projections (no program reads back another's writes), so no separate norm, RoPE,
 program per (row, kv head, tile of tokens); its G query heads share each key block read. H100, 1.7B, a decode
 lane step (4 rows x 64 tokens at length 600): +1.81 / +2.08 ms of device time with 1 / 4 rows filled when the
 XLA ops finished the projections and wrote the keys / values for a kernel that only attended, +1.45 / +1.64 ms
-with this one (docs/benchmarks.md, session 20).
+with this one (docs/benchmarks.md, session 20), +1.39 / +1.59 ms with 32 query rows per program for such small
+grids (+1.47 / +1.66 ms with 64 in the same run; session 21).
 """
 
 from __future__ import annotations
@@ -240,9 +241,25 @@ def _chunk_kernel(slot_ref, start_ref, count_ref, tile_ref, grouped_ref, cos_ref
               mask=is_query)
 
 
+def _tile_tokens(rows_per_program: int, heads: int, t: int) -> int:
+    """Tokens per tile of `chunk_attention`: rows_per_program // heads as a power of two, at least 16, no more
+    than the chunk needs."""
+    per_head = max(1, rows_per_program // heads)
+    return max(16, min(1 << (per_head.bit_length() - 1), 1 << (t - 1).bit_length()))
+
+
+def chunk_rows_per_program(r: int, kv_heads: int, t: int, heads: int) -> int:
+    """`chunk_attention`'s default query rows per program: 64, or 32 where 64 leaves the grid (r rows x kv_heads x
+    tiles) under 128 programs, fewer than an H100's 132 SMs. H100, 1.7B, 28 layers (docs/benchmarks.md, session
+    21): a decode lane of 4 x 64 tokens (64 programs at 64 rows) took 0.692 ms at 64 rows, 0.628 at 32 (the lane
+    step with 4 appends: +1.66 -> +1.59 ms); a prefill of 16 x 64 tokens (256 programs) 1.435 ms at 64, 1.566 at
+    32."""
+    return 64 if r * kv_heads * pl.cdiv(t, _tile_tokens(64, heads, t)) >= 128 else 32
+
+
 def chunk_attention(grouped: Array, cache_k: Array, cache_v: Array, rows: Array, starts: Array, num_new: Array,
                     cos: Array, sin: Array, q_norm: Array, k_norm: Array, *, eps: float, scale: float,
-                    block_k: int = 64, rows_per_program: int = 64, num_warps: int = 4, num_stages: int = 3,
+                    block_k: int = 64, rows_per_program: int | None = None, num_warps: int = 4, num_stages: int = 3,
                     interpret: bool | None = None) -> tuple[Array, Array, Array]:
     """Norms, RoPE, cache writes and attention of appended chunks, from their raw projections.
 
@@ -254,11 +271,12 @@ def chunk_attention(grouped: Array, cache_k: Array, cache_v: Array, rows: Array,
     and values, and attends: query t reads its slot's keys [0, starts[r] + t]. Returns (out [R, T, N, D] in the
     cache's dtype, cache_k, cache_v). interpret=None: compiled on a GPU, interpreted elsewhere.
 
-    One program per (row, kv head, tile of tokens), the tile holding rows_per_program // G' tokens (at least 16)
-    for each of the G query heads (G' = G rounded up to a power of two; its rows are the (token, head) pairs, one
-    operand of each product): it streams the slot's cached prefix [0, starts[r]) once for all G, then the
-    chunk's earlier tiles (their keys normed and rotated again from the raw projections), then its own tile. A
-    chunk that is not a whole number of tiles is padded with zero projections (never visible to a real token).
+    One program per (row, kv head, tile of tokens), the tile holding rows_per_program // G' tokens (at least 16;
+    rows_per_program=None: `chunk_rows_per_program`) for each of the G query heads (G' = G rounded up to a power
+    of two; its rows are the (token, head) pairs, one operand of each product): it streams the slot's cached
+    prefix [0, starts[r]) once for all G, then the chunk's earlier tiles (their keys normed and rotated again from
+    the raw projections), then its own tile. A chunk that is not a whole number of tiles is padded with zero
+    projections (never visible to a real token).
     """
     r, t, kv_heads, width, d = grouped.shape
     group = width - 2
@@ -275,8 +293,9 @@ def chunk_attention(grouped: Array, cache_k: Array, cache_v: Array, rows: Array,
     if length % block_k:
         raise ValueError(f"chunk_attention: cache length {length} is not a multiple of block_k={block_k}")
     heads = 1 << (group - 1).bit_length()          # the group's query heads as a power-of-two tile (masked rows)
-    per_head = max(1, rows_per_program // heads)   # tokens per tile: a power of two, 16 <= it, no more than needed
-    block_t = max(16, min(1 << (per_head.bit_length() - 1), 1 << (t - 1).bit_length()))
+    if rows_per_program is None:
+        rows_per_program = chunk_rows_per_program(r, kv_heads, t, heads)
+    block_t = _tile_tokens(rows_per_program, heads, t)
     padded = pl.cdiv(t, block_t) * block_t
     if interpret is None:
         interpret = jax.default_backend() != "gpu"

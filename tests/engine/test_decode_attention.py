@@ -170,6 +170,17 @@ def test_chunk_kernel_matches_float64_attention_and_writes_only_the_real_tokens(
     np.testing.assert_array_equal(new_v[~written], cache_v[~written])
 
 
+def test_chunk_rows_per_program_halves_only_grids_that_leave_the_gpu_idle():
+    """32 query rows per program (twice the programs) only where 64 rows give fewer than 128: the 1.7B preset
+    (8 kv heads, 2 query heads each) in a 4 x 64 decode lane (64 programs) and a 4 x 16 chunk, not a 16 x 64
+    prefill (256) or an 8 x 64 lane (128)."""
+    assert da.chunk_rows_per_program(4, 8, 64, 2) == 32
+    assert da.chunk_rows_per_program(4, 8, 16, 2) == 32
+    assert da.chunk_rows_per_program(16, 8, 64, 2) == 64
+    assert da.chunk_rows_per_program(8, 8, 64, 2) == 64
+    assert da.chunk_rows_per_program(1, 2, 64, 16) == 32   # 16 heads: 16-token tiles either way, 8 programs
+
+
 def test_chunk_kernel_bad_shapes_are_named():
     cache = jnp.zeros((2, 64, 2, 32), jnp.bfloat16)
     ids, rope, w = jnp.zeros(1, jnp.int32), jnp.ones((1, 4, 16)), jnp.ones(32)
