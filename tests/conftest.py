@@ -1,4 +1,6 @@
-"""Test-session setup: 8 fake CPU devices (for sharding / pmap tests) and a fast hypothesis profile.
+"""Test-session setup: 8 fake CPU devices (for sharding / pmap tests), a fast hypothesis profile, and the
+tests marked `slow` first (the README runs the suite on 2 xdist workers with work stealing: a long test that
+starts last would leave one worker idle while it runs).
 
 XLA_FLAGS must be set before jax initialises its backend, so this runs before any test module imports jax.
 """
@@ -13,3 +15,7 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("aepo", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("aepo")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order

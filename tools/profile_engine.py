@@ -7,7 +7,7 @@
 
 `decode_calls` times whole decode calls of 1, 2, 4, ..., 64 steps (the rollout's call width, 64) without the
 profiler and fits wall = fixed + per_step x steps: the fixed part is what each return to the host costs.
-`lane_calls` queues decode calls of `steps` steps back to back, each appending 0, 1, 2, 4 or 8 chunks of `chunk`
+`lane_calls` queues decode calls of `steps` steps back to back, each appending n chunks of `chunk`
 tokens through the lane, without the profiler: the host dispatches each call while the device runs the one
 before (as the rollout loop does), so wall time per call is the device's, and the lane's cost is the difference
 to no appends.
@@ -61,6 +61,9 @@ def main(argv=None):
     p.add_argument("--appends", type=int, default=0,
                    help="decode: this many slots (idle first) get a chunk of --chunk tokens appended in the call")
     p.add_argument("--attention", default=None)
+    p.add_argument("--lane_rows", type=int, default=4, help="engine: the decode lane's rows (appended chunks per step)")
+    p.add_argument("--lane_width", type=int, default=64, help="engine: the decode lane's tokens per row and step")
+    p.add_argument("--counts", default="0,1,2,4,8", help="lane_calls: the numbers of chunks appended per call")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--trace_calls", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
@@ -70,7 +73,7 @@ def main(argv=None):
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     model = qwen3.Qwen3(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     engine = Engine(model, num_slots=args.slots, max_len=args.max_len, cache_dtype=dtype,
-                    attention=args.attention)
+                    attention=args.attention, lane_rows=args.lane_rows, lane_width=args.lane_width)
     del model
     rng = np.random.default_rng(0)
     slots = list(range(args.slots))
@@ -79,7 +82,8 @@ def main(argv=None):
     if args.call == "decode_calls":
         return decode_calls(engine, slots, args.start, args.repeats)
     if args.call == "lane_calls":
-        return lane_calls(engine, slots, args.start, args.repeats, args.steps, args.chunk, rng)
+        return lane_calls(engine, slots, args.start, args.repeats, args.steps, args.chunk, rng,
+                          tuple(int(n) for n in args.counts.split(",")))
     rows = slots[:args.rows]
     chunks = rng.integers(0, config.vocab_size, (max(args.rows, args.appends), args.chunk)).tolist()
     recorded = {}
@@ -176,7 +180,7 @@ def decode_calls(engine, slots, start, repeats):
     return summary
 
 
-def lane_calls(engine, slots, start, repeats, steps, chunk, rng, counts=(0, 1, 2, 4, 8)):
+def lane_calls(engine, slots, start, repeats, steps, chunk, rng, counts):
     """Device time of a decode call of `steps` steps (every slot running) that appends n chunks of `chunk` tokens
     through the lane, per n in counts (up to the slot count): `repeats` calls queued back to back, in two
     interleaved rounds (their mean; `spread_ms` is the largest difference between a count's two rounds). The
@@ -184,7 +188,7 @@ def lane_calls(engine, slots, start, repeats, steps, chunk, rng, counts=(0, 1, 2
     if not 1 <= chunk <= engine.lane_capacity:
         raise ValueError(f"lane_calls: --chunk {chunk} must be in [1, the engine's lane capacity "
                          f"{engine.lane_capacity}] (a longer append is prefilled, not laned)")
-    counts = tuple(n for n in counts if n <= len(slots))
+    counts = tuple(sorted({0} | {n for n in counts if n <= len(slots)}))
     chunks = rng.integers(0, engine.config.vocab_size, (len(slots), chunk))
     static = {lane: engine._decode_static(steps, lane_loop=lane) for lane in (False, True)}
 

@@ -352,7 +352,7 @@ class _Run:
             self.appends[slot] = ids
 
     def _wait(self, future, next_decode):
-        while next_decode is not None and not next_decode.output.is_ready():
+        while next_decode is not None and not next_decode.ready():
             try:
                 return future.result(timeout=0.002)
             except concurrent.futures.TimeoutError:

@@ -369,7 +369,10 @@ class DecodeResult:
 
     `output` is the call's packed int32 device array (the call is asynchronous); any other attribute fetches
     it once (one transfer) and unpacks the `DecodeOutput` fields as numpy arrays: tokens / logprobs /
-    entropies [S, W], counts, stopped, reason, stop_id, lengths [S], steps and lane_steps (scalars).
+    entropies [S, W], counts, stopped, reason, stop_id, lengths [S], steps and lane_steps (scalars). The fetch
+    frees `output` on the device, so that a decode call dispatched after it can reuse that buffer: its CUDA
+    graph then needs no re-recording (a moved result buffer costs 1.5-3.4 ms of host time per call on an H100,
+    docs/benchmarks.md session 13; on the rollout's critical path where its loop reads a result first).
     """
 
     def __init__(self, engine: "Engine", output: Array, width: int, version: int):
@@ -382,11 +385,16 @@ class DecodeResult:
     def fetch(self) -> "DecodeResult":
         if self._host is None:
             self._host = packing.unpack(np.asarray(jax.device_get(self.output)), _result_layout(self._width))
+            self.output.delete()
             for name in SCALAR_RESULTS:
                 self._host[name] = self._host[name][0]
             self.__dict__.update(self._host)  # later reads are plain attributes, not __getattr__ calls
             self._engine._learn_lengths(self._host["lengths"], self._host["reason"], self._version)
         return self
+
+    def ready(self) -> bool:
+        """Whether the call has finished (without waiting for it)."""
+        return self._host is not None or self.output.is_ready()
 
     def __getattr__(self, name):
         if name.startswith("_") or name not in {f.name for f in dataclasses.fields(DecodeOutput)}:

@@ -245,7 +245,8 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     matched-length plain decode samples exactly the agentic run's tokens per slot, and the synchronised
     breakdown accounts for the run's sampled tokens. Tool results go through the decode calls' lane (one
     prefill call: the prompts) or, with --lane_rows 0, through prefill calls that decode makes itself; the loop in
-    either order (--tool_overlap)."""
+    either order (--tool_overlap, queuing ahead while 2 of the 4 slots run: the breakdown's synchronised calls
+    are then fetched before the loop asks whether they are done)."""
     import json
 
     from tools import benchmark_rollout
@@ -253,7 +254,8 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     summary = benchmark_rollout.main(["--preset", "tiny", "--batch", "4", "--prompt", "8", "--response", "96",
                                       "--tool_every", "8", "--repeats", "1", "--seeds", "2", "--breakdown",
                                       "--timeline", "--lane_rows", str(lane_rows), "--tag", "t",
-                                      "--tool_overlap" if overlap else "--no-tool_overlap"])
+                                      "--tool_overlap" if overlap else "--no-tool_overlap",
+                                      "--overlap_min_running", "2"])
     saved = json.loads((tmp_path / "rollout_bench_t.json").read_text())
     metrics = saved["agentic_rollout"]["metrics"]
     assert metrics["rollout/tool_calls_per_traj"] > 1
@@ -262,6 +264,14 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     assert saved["agentic_rollout"]["longest"] == [max(metrics["sampled_per_traj"])]
     assert saved["ratio"] == pytest.approx(summary["agentic_rollout"]["tokens_per_s"]
                                            / summary["plain_decode"]["tokens_per_s"])
+    # plain decode is timed with its prompts' prefill, as the rollout is; its decode alone is faster
+    plain = saved["plain_decode"]
+    seconds = 4 * 96 / plain["tokens_per_s"]
+    assert plain["metrics"]["prefill_s"] > 0
+    assert 4 * 96 / plain["metrics"]["decode_only_tokens_per_s"] == pytest.approx(
+        seconds - plain["metrics"]["prefill_s"], rel=1e-6)
+    assert saved["ratio_vs_plain_decode_only"] == pytest.approx(
+        saved["ratio_mean"] * plain["tokens_per_s"] / plain["metrics"]["decode_only_tokens_per_s"])
     # --seeds 2: seed 0 is the run above, seed 1 its own draw; the mean is over both, each against plain decode
     seeds = saved["seeds"]
     assert [r["seed"] for r in seeds] == [0, 1]

@@ -356,6 +356,7 @@ def test_appends_inside_decode_equal_prefilling_them_first(env):
             engine.prefill(list(appends), list(appends.values()))
             second = engine.decode(64, wait_fraction=1.0)
         runs.append((first.fetch(), second.fetch()))
+        assert first.output.is_deleted() and second.output.is_deleted()  # a fetch frees the device buffer
         engine.release(list(range(6)))
     (a1, a2), (b1, b2) = runs
     np.testing.assert_array_equal(a1.tokens, b1.tokens)
@@ -668,6 +669,10 @@ def test_profile_engine_lane_calls_append_through_the_lane(tmp_path, monkeypatch
     assert s["lane"] == (4, 64) and s["lane_steps"] == {0: 0, 1: 1, 2: 1, 4: 1, 8: 2}
     assert s["ms_per_call"][8] > s["ms_per_call"][0] and s["lane_ms"][0] == 0.0
     assert (tmp_path / "profile_engine_lane_calls.json").exists()
+    s = profile_engine.main(["lane_calls", "--preset", "tiny", "--slots", "8", "--max_len", "160", "--start", "40",
+                             "--steps", "2", "--chunk", "10", "--repeats", "1", "--lane_rows", "3", "--lane_width",
+                             "16", "--counts", "3,4"])
+    assert s["lane"] == (3, 16) and s["lane_steps"] == {0: 0, 3: 1, 4: 2}  # 0 is always timed (the baseline)
 
 
 def test_row_buckets_waste_under_a_third_and_stay_few():

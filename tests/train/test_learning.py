@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from aepo_jax.data import world as world_lib
 
@@ -25,6 +26,7 @@ SFT_STEPS, RL_STEPS = 500, 10
 TEMPLATES = ("single_city", "single_colour", "single_ally", "single_founded")
 
 
+@pytest.mark.slow
 def test_rl_raises_the_reward_of_the_demo(tmp_path):
     workdir = tmp_path / "run"
     paths = world_lib.build_demo(workdir / "world", seed=0)  # the trainer reuses the world it finds there
