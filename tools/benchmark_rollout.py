@@ -93,9 +93,11 @@ def main(argv=None):
     parser.add_argument("--waves", type=int, default=1, help="trajectories = waves x batch (slots stay batch)")
     parser.add_argument("--tag", default="", help="names the JSON file: rollout_bench_TAG.json")
     parser.add_argument("--attention", default=None, help="engine attention: pallas, cudnn or xla (default: engine's)")
-    parser.add_argument("--lane_rows", type=int, default=4,
-                        help="engine: slots whose appended tokens ride along per decode step (0: prefill them)")
-    parser.add_argument("--lane_width", type=int, default=64, help="engine: appended tokens per lane row and step")
+    parser.add_argument("--lane_rows", type=int,
+                        help="engine: slots whose appended tokens ride along per decode step (0: prefill them; "
+                             "default: the engine's)")
+    parser.add_argument("--lane_width", type=int, help="engine: appended tokens per lane row and step (default: the "
+                                                       "engine's)")
     parser.add_argument("--timeline", action="store_true",
                         help="one more agentic run under the profiler: wall time and device-busy time inside each "
                              "kind of engine call and in the loop's host work between them")
@@ -110,8 +112,9 @@ def main(argv=None):
     stops = {"</search>": [[t] for t in range(256, config.vocab_size, args.tool_every)],
              "</python>": [[1, 2, 3]]}
     max_len = args.prompt + args.response + 64
+    lane = {k: v for k, v in dict(lane_rows=args.lane_rows, lane_width=args.lane_width).items() if v is not None}
     engine = Engine(model, num_slots=args.batch, max_len=max_len, stop_strings=stops, cache_dtype=dtype, seed=0,
-                    attention=args.attention, lane_rows=args.lane_rows, lane_width=args.lane_width)
+                    attention=args.attention, **lane)
     prompts = np.random.default_rng(0).integers(256, config.vocab_size,
                                                 (args.waves * args.batch, args.prompt)).tolist()
     sampling = SamplingParams(temperature=1.0)
@@ -207,7 +210,7 @@ def main(argv=None):
     decode_only = rows["plain_decode"]["metrics"]["decode_only_tokens_per_s"]
     ratio_vs_plain_decode_only = ratio_mean * rows["plain_decode"]["tokens_per_s"] / decode_only
     summary = dict(device=jax.devices()[0].device_kind, preset=args.preset, batch=args.batch, waves=args.waves,
-                   attention=engine.attention, lane=(args.lane_rows, args.lane_width), prompt=args.prompt,
+                   attention=engine.attention, lane=(engine.lane_rows, engine.lane_width), prompt=args.prompt,
                    response=args.response, tool_every=args.tool_every, wait_fraction=args.wait_fraction,
                    tool_overlap=args.tool_overlap, overlap_min_running=args.overlap_min_running,
                    defer_appends=args.defer_appends, ratio=ratio, ratio_mean=ratio_mean,
@@ -217,9 +220,9 @@ def main(argv=None):
             json.dump(summary, f, indent=2)
     m = rows["agentic_rollout"]["metrics"]
     print(f"device {summary['device']}  preset {args.preset}  batch {args.batch}  waves {args.waves}  "
-          f"attention {engine.attention}  lane {args.lane_rows}x{args.lane_width}  wait_fraction {args.wait_fraction}  "
-          f"tool_overlap {args.tool_overlap} (min running {args.overlap_min_running})  "
-          f"defer_appends {args.defer_appends}")
+          f"attention {engine.attention}  lane {engine.lane_rows}x{engine.lane_width}  "
+          f"wait_fraction {args.wait_fraction}  tool_overlap {args.tool_overlap} "
+          f"(min running {args.overlap_min_running})  defer_appends {args.defer_appends}")
     print(f"plain decode      {rows['plain_decode']['tokens_per_s']:10.0f} sampled tokens/s  (its decode alone "
           f"{decode_only:.0f}: mean ratio against that {ratio_vs_plain_decode_only:.1%})")
     print(f"agentic rollout   {rows['agentic_rollout']['tokens_per_s']:10.0f} sampled tokens/s  "

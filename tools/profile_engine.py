@@ -61,8 +61,10 @@ def main(argv=None):
     p.add_argument("--appends", type=int, default=0,
                    help="decode: this many slots (idle first) get a chunk of --chunk tokens appended in the call")
     p.add_argument("--attention", default=None)
-    p.add_argument("--lane_rows", type=int, default=4, help="engine: the decode lane's rows (appended chunks per step)")
-    p.add_argument("--lane_width", type=int, default=64, help="engine: the decode lane's tokens per row and step")
+    p.add_argument("--lane_rows", type=int, help="engine: the decode lane's rows (appended chunks per step; default: "
+                                                 "the engine's)")
+    p.add_argument("--lane_width", type=int, help="engine: the decode lane's tokens per row and step (default: the "
+                                                  "engine's)")
     p.add_argument("--counts", default="0,1,2,4,8", help="lane_calls: the numbers of chunks appended per call")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--trace_calls", type=int, default=3)
@@ -72,8 +74,9 @@ def main(argv=None):
     config = qwen3.preset(args.preset)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     model = qwen3.Qwen3(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    engine = Engine(model, num_slots=args.slots, max_len=args.max_len, cache_dtype=dtype,
-                    attention=args.attention, lane_rows=args.lane_rows, lane_width=args.lane_width)
+    lane = {k: v for k, v in dict(lane_rows=args.lane_rows, lane_width=args.lane_width).items() if v is not None}
+    engine = Engine(model, num_slots=args.slots, max_len=args.max_len, cache_dtype=dtype, attention=args.attention,
+                    **lane)
     del model
     rng = np.random.default_rng(0)
     slots = list(range(args.slots))
@@ -213,7 +216,7 @@ def lane_calls(engine, slots, start, repeats, steps, chunk, rng, counts):
     rounds = [{n: queued(n) for n in counts} for _ in range(2)]
     ms = {n: float(np.mean([r[n][0] for r in rounds])) for n in counts}
     summary = dict(device=jax.devices()[0].device_kind, slots=len(slots), start=start, steps=steps, chunk=chunk,
-                   lane=(engine._spec.lane_rows, engine._spec.lane_width), ms_per_call=ms,
+                   lane=(engine.lane_rows, engine.lane_width), ms_per_call=ms,
                    lane_ms={n: ms[n] - ms[0] for n in counts},
                    lane_steps={n: rounds[-1][n][1] for n in counts},
                    spread_ms=max(abs(rounds[0][n][0] - rounds[1][n][0]) for n in counts))

@@ -515,6 +515,7 @@ class Engine:
                              f"{lane_width}, {lane_capacity}")
         self.lane_capacity = min(lane_capacity, max_len) if lane_rows else 0
         self.lane_rows = int(min(lane_rows, num_slots))
+        self.lane_width = int(min(lane_width, max_len))
         forward.cache_shape(config, 1, 1, layout)  # validates layout
         self.attention = attention
         self.config = config
@@ -545,7 +546,7 @@ class Engine:
                                       for a in (self.stop_table.table, self.stop_table.valid,
                                                 self.stop_table.owner)),
                      key_impl=key_impl, seed=int(seed), attention=attention, unroll=int(unroll),
-                     lane_rows=self.lane_rows, lane_width=int(min(lane_width, max_len)))
+                     lane_rows=self.lane_rows, lane_width=self.lane_width)
         self._spec = spec
         # Command buffers (CUDA graphs) are off for the prefill: updating and launching its graph cost more
         # host time than launching its kernels one by one (H100: 13.84 -> 12.96 ms per call). The decode's
