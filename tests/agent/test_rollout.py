@@ -260,6 +260,7 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path, monkeypatch, lane_ro
     metrics = saved["agentic_rollout"]["metrics"]
     assert metrics["rollout/tool_calls_per_traj"] > 1
     assert len(metrics["sampled_per_traj"]) == 4 and saved["plain_decode_matched"]["tokens_per_s"] > 0
+    assert saved["lane"] == [lane_rows, 64]  # the engine's lane as built: --lane_width left to its default
     assert saved["agentic_rollout"]["runs"] == [summary["agentic_rollout"]["tokens_per_s"]]  # --repeats 1
     assert saved["agentic_rollout"]["longest"] == [max(metrics["sampled_per_traj"])]
     assert saved["ratio"] == pytest.approx(summary["agentic_rollout"]["tokens_per_s"]
