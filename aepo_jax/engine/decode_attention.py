@@ -45,6 +45,11 @@ lane step (4 rows x 64 tokens at length 600): +1.81 / +2.08 ms of device time wi
 XLA ops finished the projections and wrote the keys / values for a kernel that only attended, +1.45 / +1.64 ms
 with this one (docs/benchmarks.md, session 20), +1.39 / +1.59 ms with 32 query rows per program for such small
 grids (+1.47 / +1.66 ms with 64 in the same run; session 21).
+
+A decode step with a lane runs both kernels on its one flat batch of rows (the chunks' tokens first, then the
+slots): each reads its rows of the projection GEMM's output in place, and the decode kernel writes its rows into
+the chunk kernel's output buffer, so XLA slices and concatenates nothing (session 23 counted three such copies
+per layer, ~4 MB in all for a 4 x 64 lane at 1.7B). Running both as one launch was slower (session 24).
 """
 
 from __future__ import annotations
@@ -133,26 +138,30 @@ def supports(head_dim: int) -> bool:
 
 
 def decode_attention(grouped: Array, cache_k: Array, cache_v: Array, lengths: Array, write: Array, cos: Array,
-                     sin: Array, q_norm: Array, k_norm: Array, *, eps: float, scale: float, block_k: int = 32,
-                     num_warps: int = 4, num_stages: int = 2,
+                     sin: Array, q_norm: Array, k_norm: Array, *, eps: float, scale: float, first: int = 0,
+                     out: Array | None = None, block_k: int = 32, num_warps: int = 4, num_stages: int = 2,
                      interpret: bool | None = None) -> tuple[Array, Array, Array]:
     """Norms, RoPE and attention of each slot's new token over its cache prefix and itself; writes its key /
     value.
 
-    grouped [S, K, G + 2, D]: raw projections (`qwen3.Attention.grouped_qkv`); cache_k, cache_v [S, L, K, D]
-    ("bshd"); lengths [S] int32: the new token's position = the number of cached keys it reads; write [S]
-    bool: running slots (write=False: read nothing, write nothing); cos, sin [S, D / 2]: the RoPE table at
-    `lengths` (`qwen3.rotary_cos_sin`); q_norm, k_norm [D]: the RMSNorm weights, eps their epsilon. Needs
-    lengths < L where write, and L a multiple of block_k. Returns (out [S, N, D] in grouped's dtype, cache_k,
-    cache_v with k', v' of slot s at row lengths[s] where write). interpret=None: compiled on a GPU,
-    interpreted elsewhere.
+    grouped [first + S, K, G + 2, D]: raw projections (`qwen3.Attention.grouped_qkv`), slot s's in row first + s
+    (read in place: a decode step with a lane puts its chunks' rows first, see `chunk_attention`); cache_k, cache_v
+    [S, L, K, D] ("bshd"); lengths [S] int32: the new token's position = the number of cached keys it reads;
+    write [S] bool: running slots (write=False: read nothing, write nothing); cos, sin [S, D / 2]: the RoPE table
+    at `lengths` (`qwen3.rotary_cos_sin`); q_norm, k_norm [D]: the RMSNorm weights, eps their epsilon. Needs
+    lengths < L where write, and L a multiple of block_k. Returns (out [first + S, N, D] in grouped's dtype,
+    slot s's heads in row first + s: rows before `first` are those of `out` [first + S, N, D], updated in place,
+    or unset where out is None; cache_k, cache_v with k', v' of slot s at row lengths[s] where write).
+    interpret=None: compiled on a GPU, interpreted elsewhere.
     """
-    s, kv_heads, rows, d = grouped.shape
-    group = rows - 2
+    s = lengths.shape[0]
+    n, kv_heads, rows, d = grouped.shape if grouped.ndim == 4 else (None,) * 4
+    group = rows - 2 if rows else 0
     length = cache_k.shape[1]
-    if group < 1 or cache_k.shape[2] != kv_heads or cache_k.shape[3] != d or d % 2:
+    if group < 1 or cache_k.shape[2] != kv_heads or cache_k.shape[3] != d or d % 2 or n != first + s:
         raise ValueError(f"decode_attention: grouped projections {grouped.shape} do not fit the cache "
-                         f"{cache_k.shape} (expected [S, K, G + 2, D] with the cache's K and an even D)")
+                         f"{cache_k.shape} and {s} slots after row {first} (expected [first + S, K, G + 2, D] with the "
+                         "cache's K and an even D)")
     if not supports(d):
         raise ValueError(f"decode_attention: head_dim {d} is not supported (needs a power of two >= 32: its halves "
                          "are tensor-core operands)")
@@ -167,21 +176,39 @@ def decode_attention(grouped: Array, cache_k: Array, cache_v: Array, lengths: Ar
     per_slot = pl.BlockSpec((1,), lambda b, h: (b,))
     rope = pl.BlockSpec((None, d // 2), lambda b, h: (b, 0))
     weight = pl.BlockSpec((d,), lambda b, h: (0,))
-    head_tile = pl.BlockSpec((None, None, tile, d), lambda b, h: (b, h, 0, 0))
+    head_tile = pl.BlockSpec((None, None, tile, d), lambda b, h: (first + b, h, 0, 0))
     cache_rows = pl.BlockSpec((None, length, None, d), lambda b, h: (b, 0, h, 0))
+    kernel = functools.partial(_kernel, group=group, block_k=block_k, scale=scale, eps=eps)
+    out_dtype = grouped.dtype
+    operands = [keys, write, grouped.astype(dtype), cos, sin, q_norm.astype(dtype), k_norm.astype(dtype), cache_k,
+                cache_v]
+    in_specs = [per_slot, per_slot, head_tile, rope, rope, weight, weight, cache_rows, cache_rows]
+    aliases = {7: 1, 8: 2}
+    if out is not None:  # updated in place: its other rows are kept
+        if out.shape != (n, kv_heads * group, d):
+            raise ValueError(f"decode_attention: out {out.shape} is not [first + S, N, D] = {(n, kv_heads * group, d)}")
+        operands.append(out.astype(out_dtype).reshape(n, kv_heads, group, d))
+        in_specs.append(head_tile)
+        aliases[len(operands) - 1] = 0
+        kernel = functools.partial(_skip_ref, kernel, len(operands) - 1)
     out, cache_k, cache_v = pl.pallas_call(
-        functools.partial(_kernel, group=group, block_k=block_k, scale=scale, eps=eps),
+        kernel,
         grid=(s, kv_heads),
-        in_specs=[per_slot, per_slot, head_tile, rope, rope, weight, weight, cache_rows, cache_rows],
+        in_specs=in_specs,
         out_specs=[head_tile, cache_rows, cache_rows],
-        out_shape=[jax.ShapeDtypeStruct((s, kv_heads, group, d), grouped.dtype),
+        out_shape=[jax.ShapeDtypeStruct((n, kv_heads, group, d), out_dtype),
                    jax.ShapeDtypeStruct(cache_k.shape, dtype), jax.ShapeDtypeStruct(cache_v.shape, dtype)],
-        input_output_aliases={7: 1, 8: 2},
+        input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(keys, write, grouped.astype(dtype), cos, sin, q_norm.astype(dtype), k_norm.astype(dtype), cache_k, cache_v)
-    return out.reshape(s, kv_heads * group, d), cache_k, cache_v
+    )(*operands)
+    return out.reshape(n, kv_heads * group, d), cache_k, cache_v
+
+
+def _skip_ref(kernel, index: int, *refs):
+    """kernel(*refs) without refs[index]: an input aliased to an output, seen by the kernel through the output."""
+    return kernel(*refs[:index], *refs[index + 1:])
 
 
 def _chunk_kernel(slot_ref, start_ref, count_ref, tile_ref, grouped_ref, cos_ref, sin_ref, q_norm_ref, k_norm_ref,
@@ -268,20 +295,28 @@ def chunk_attention(grouped: Array, cache_k: Array, cache_v: Array, rows: Array,
     padding: nothing written, its output garbage, as is that of a token past num_new[r]); cos, sin [R, T, D/2]:
     the RoPE table at those positions; q_norm, k_norm [D]: the RMSNorm weights, eps their epsilon; cache_k,
     cache_v [S, L, K, D] ("bshd"), L a multiple of block_k. Writes the real tokens' keys k' = RoPE(RMSNorm_k(k))
-    and values, and attends: query t reads its slot's keys [0, starts[r] + t]. Returns (out [R, T, N, D] in the
-    cache's dtype, cache_k, cache_v). interpret=None: compiled on a GPU, interpreted elsewhere.
+    and values, and attends: query t reads its slot's keys [0, starts[r] + t]. Returns (out [R, T, N, D] in
+    grouped's dtype, cache_k, cache_v). interpret=None: compiled on a GPU, interpreted elsewhere.
+
+    A decode step with a lane passes its whole flat batch instead, grouped [M, K, G + 2, D] (one projection GEMM's
+    output): token t of row r in row r * T + t, the slots' rows after the R * T chunk tokens. Then out is
+    [M, N, D] with the rows past R * T unset, for `decode_attention(first=R * T, out=out)` to fill in place: where
+    T is a whole number of tiles nothing is sliced, padded or concatenated.
 
     One program per (row, kv head, tile of tokens), the tile holding rows_per_program // G' tokens (at least 16;
     rows_per_program=None: `chunk_rows_per_program`) for each of the G query heads (G' = G rounded up to a power
     of two; its rows are the (token, head) pairs, one operand of each product): it streams the slot's cached
     prefix [0, starts[r]) once for all G, then the chunk's earlier tiles (their keys normed and rotated again from
-    the raw projections), then its own tile. A chunk that is not a whole number of tiles is padded with zero
-    projections (never visible to a real token).
+    the raw projections), then its own tile. A chunk that is not a whole number of tiles is copied, padded with
+    zero projections (never visible to a real token).
     """
-    r, t, kv_heads, width, d = grouped.shape
+    r, t = cos.shape[:2]
+    rows_of_chunks = grouped.ndim == 5 and grouped.shape[:2] == (r, t)
+    flat = grouped.reshape((r * t,) + grouped.shape[2:]) if rows_of_chunks else grouped
+    n, kv_heads, width, d = flat.shape if flat.ndim == 4 else (0,) * 4
     group = width - 2
     slots, length = cache_k.shape[:2]
-    if group < 1 or cache_k.shape[2:] != (kv_heads, d) or cache_v.shape != cache_k.shape \
+    if group < 1 or n < r * t or cache_k.shape[2:] != (kv_heads, d) or cache_v.shape != cache_k.shape \
             or any(a.shape != (r,) for a in (rows, starts, num_new)) or cos.shape != (r, t, d // 2) \
             or sin.shape != cos.shape:
         raise ValueError(f"chunk_attention: projections {grouped.shape}, rows / starts / num_new {rows.shape} / "
@@ -296,32 +331,40 @@ def chunk_attention(grouped: Array, cache_k: Array, cache_v: Array, rows: Array,
     if rows_per_program is None:
         rows_per_program = chunk_rows_per_program(r, kv_heads, t, heads)
     block_t = _tile_tokens(rows_per_program, heads, t)
-    padded = pl.cdiv(t, block_t) * block_t
+    if t % block_t:  # a tile must not run into the next row's tokens: whole tiles, padded, in a copy
+        padded = pl.cdiv(t, block_t) * block_t
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - t)) + ((0, 0),) * (a.ndim - 2))
+        out, cache_k, cache_v = chunk_attention(
+            pad(flat[:r * t].reshape((r, t) + flat.shape[1:])), cache_k, cache_v, rows, starts, num_new, pad(cos),
+            pad(sin), q_norm, k_norm, eps=eps, scale=scale, block_k=block_k, rows_per_program=rows_per_program,
+            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+        out = out[:, :t]
+        return (out if rows_of_chunks else jnp.pad(out.reshape((r * t,) + out.shape[2:]),
+                                                   ((0, n - r * t), (0, 0), (0, 0)))), cache_k, cache_v
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     dtype = cache_k.dtype
     real = (rows >= 0) & (rows < slots)
     per_row = [jnp.where(real, a, 0).astype(jnp.int32) for a in (rows, starts, num_new)]
+    tiles = t // block_t
     row_spec = pl.BlockSpec((1,), lambda i, h, j: (i,))
-    tile_spec = pl.BlockSpec((None, block_t, None, max(width, heads), d), lambda i, h, j: (i, j, h, 0, 0))
-    chunk_spec = pl.BlockSpec((None, padded, None, width, d), lambda i, h, j: (i, 0, h, 0, 0))
-    rope_spec = pl.BlockSpec((None, padded, d // 2), lambda i, h, j: (i, 0, 0))
+    tile_spec = pl.BlockSpec((block_t, None, max(width, heads), d), lambda i, h, j: (i * tiles + j, h, 0, 0))
+    chunk_spec = pl.BlockSpec((t, None, width, d), lambda i, h, j: (i, h, 0, 0))
+    rope_spec = pl.BlockSpec((None, t, d // 2), lambda i, h, j: (i, 0, 0))
     weight = pl.BlockSpec((d,), lambda i, h, j: (0,))
     cache = pl.BlockSpec(cache_k.shape, lambda i, h, j: (0, 0, 0, 0))   # the slot is data: indexed in the kernel
-    out_spec = pl.BlockSpec((None, block_t, None, heads, d), lambda i, h, j: (i, j, h, 0, 0))
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - t)) + ((0, 0),) * (a.ndim - 2)) if padded > t else a
-    grouped, cos, sin = pad(grouped.astype(dtype)), pad(cos), pad(sin)
+    out_spec = pl.BlockSpec((block_t, None, heads, d), lambda i, h, j: (i * tiles + j, h, 0, 0))
     out, cache_k, cache_v = pl.pallas_call(
         functools.partial(_chunk_kernel, group=group, heads=heads, block_k=block_k, scale=scale, eps=eps),
-        grid=(r, kv_heads, padded // block_t),
+        grid=(r, kv_heads, tiles),
         in_specs=[row_spec, row_spec, row_spec, tile_spec, chunk_spec, rope_spec, rope_spec, weight, weight, cache,
                   cache],
         out_specs=[out_spec, cache, cache],
-        out_shape=[jax.ShapeDtypeStruct((r, padded, kv_heads, group, d), dtype),
+        out_shape=[jax.ShapeDtypeStruct((n, kv_heads, group, d), grouped.dtype),
                    jax.ShapeDtypeStruct(cache_k.shape, dtype), jax.ShapeDtypeStruct(cache_v.shape, dtype)],
         input_output_aliases={9: 1, 10: 2},
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="chunk_attention",
-    )(*per_row, grouped, grouped, cos, sin, q_norm.astype(dtype), k_norm.astype(dtype), cache_k, cache_v)
-    return out[:, :t].reshape(r, t, kv_heads * group, d), cache_k, cache_v
+    )(*per_row, *(flat.astype(dtype),) * 2, cos, sin, q_norm.astype(dtype), k_norm.astype(dtype), cache_k, cache_v)
+    return out.reshape(((r, t) if rows_of_chunks else (n,)) + (kv_heads * group, d)), cache_k, cache_v

@@ -26,7 +26,8 @@ causal (cuDNN's top-left mask is exact there); the two outputs are merged throug
 RoPE, key / value writes) and reads each row's slot prefix in place, then the chunk causally, in one pass
 (`decode_attention.chunk_attention`). No window is gathered and no mask tensor exists. A decode step can
 carry such chunks too (its "lane": tool results appended while the other slots decode), in the same flat
-batch of rows as its decode tokens.
+batch of rows as its decode tokens: the chunks' tokens first, then one row per slot, so that with "pallas" both
+kernels read the one projection output in place and write one attention output.
 """
 
 from __future__ import annotations
@@ -227,17 +228,33 @@ def prefill_chunk(model, keys, values, tokens: Array, rows: Array, starts: Array
 
 
 def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, window: int | None, impl: str):
-    """The layers over one flat batch of single-token rows: one per slot (slots = (tokens [S], lengths [S],
-    write [S]), see `decode_step`), then every token of `chunk` (attending to its slot up to its own position:
-    "xla" over the first `window` positions, "cudnn" by `chunk_attention_cudnn`, "pallas" by
-    `decode_attention.chunk_attention`). Each layer writes all the new keys / values, then attends: every read
-    of a cache buffer comes after every write to it, so XLA updates it in place ("pallas": the chunk kernel
-    writes and reads in one call, then the decode kernel does). Returns the final normed hidden states of the slot
-    rows [S, H] and of each chunk row's last real token [R, H] (None where a part is absent)."""
+    """The layers over one flat batch of single-token rows: every token of `chunk` (attending to its slot up to its
+    own position: "xla" over the first `window` positions, "cudnn" by `chunk_attention_cudnn`, "pallas" by
+    `decode_attention.chunk_attention`), then one per slot (slots = (tokens [S], lengths [S], write [S]), see
+    `decode_step`). Each layer writes all the new keys / values, then attends: every read of a cache buffer comes
+    after every write to it, so XLA updates it in place ("pallas": the chunk kernel writes and reads in one call,
+    then the decode kernel does, both reading the one projection output in place and writing one attention
+    output). Returns the final normed hidden states of the slot rows [S, H] and of each chunk row's last real token
+    [R, H] (None where a part is absent)."""
     scale = model.config.head_dim ** -0.5
     max_len = keys[0].shape[_seq_axis(layout)]
     tokens, positions = [], []
     num_slots = 0 if slots is None else slots[0].shape[0]
+    r, t = (0, 0) if chunk is None else chunk.tokens.shape
+    if chunk is not None:
+        offsets = jnp.arange(t, dtype=jnp.int32)
+        chunk_pos = chunk.starts[:, None] + offsets
+        if impl == "pallas":  # the chunk kernel's RoPE table, shared by every layer
+            chunk_cos, chunk_sin = qwen3.rotary_cos_sin(chunk_pos, model.config.rope_theta, model.config.head_dim,
+                                                        model.dtype)
+        else:
+            chunk_write = jnp.where(offsets[None, :] < chunk.num_new[:, None], chunk_pos, max_len)
+            if impl == "cudnn":
+                table = page_table(chunk.rows, keys[0].shape[0], max_len, table_rows(r, keys[0].shape[0], max_len))
+            else:
+                chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
+        tokens.append(chunk.tokens.reshape(r * t, 1))
+        positions.append(chunk_pos.reshape(r * t, 1))
     if slots is not None:
         slot_tokens, lengths, write = slots
         tokens.append(slot_tokens[:, None])
@@ -253,45 +270,31 @@ def _run_layers(model, keys, values, slots, chunk: Chunk | None, layout: str, wi
             # cuDNN reads each slot's first kv_lengths keys: a slot that writes nothing this step (stopped, free)
             # reads one, so idle slots cost no KV bandwidth (their outputs are discarded by the caller).
             kv_lengths = jnp.where(write, jnp.minimum(lengths + 1, max_len), 1).astype(jnp.int32)
-    if chunk is not None:
-        r, t = chunk.tokens.shape
-        offsets = jnp.arange(t, dtype=jnp.int32)
-        chunk_pos = chunk.starts[:, None] + offsets
-        if impl == "pallas":  # the chunk kernel's RoPE table, shared by every layer
-            chunk_cos, chunk_sin = qwen3.rotary_cos_sin(chunk_pos, model.config.rope_theta, model.config.head_dim,
-                                                        model.dtype)
-        else:
-            chunk_write = jnp.where(offsets[None, :] < chunk.num_new[:, None], chunk_pos, max_len)
-            if impl == "cudnn":
-                table = page_table(chunk.rows, keys[0].shape[0], max_len, table_rows(r, keys[0].shape[0], max_len))
-            else:
-                chunk_mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= chunk_pos[:, :, None]
-        tokens.append(chunk.tokens.reshape(r * t, 1))
-        positions.append(chunk_pos.reshape(r * t, 1))
 
     def split(a):
-        """[S + R*T, 1, ...] -> the slot rows [S, 1, ...] and the chunk rows [R, T, ...]."""
-        return a[:num_slots], (a[num_slots:].reshape((r, t) + a.shape[2:]) if chunk is not None else None)
+        """[R*T + S, 1, ...] -> the slot rows [S, 1, ...] and the chunk rows [R, T, ...]."""
+        return a[r * t:], (a[:r * t].reshape((r, t) + a.shape[2:]) if chunk is not None else None)
 
     def join(out_s, out_c):
-        """The attention outputs of the slot rows [S, N, D] and the chunk rows [R, T, N, D] as one flat batch."""
-        outs = ([out_s[:, None]] if num_slots else []) + ([out_c.reshape((r * t, 1) + out_c.shape[2:])]
-                                                          if chunk is not None else [])
+        """The attention outputs of the chunk rows [R, T, N, D] and the slot rows [S, N, D] as one flat batch."""
+        outs = ([out_c.reshape((r * t, 1) + out_c.shape[2:])] if chunk is not None else []) + (
+            [out_s[:, None]] if num_slots else [])
         return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def attend_pallas(attn, h, layer_k, layer_v):
-        """The kernels finish the raw grouped projections (norms, RoPE, cache writes) and attend."""
-        grouped_s, grouped_c = split(attn.grouped_qkv(h))
+        """The kernels finish the raw grouped projections (norms, RoPE, cache writes) and attend, reading the
+        projections of the flat batch in place and writing one output."""
+        grouped = attn.grouped_qkv(h)[:, 0]                 # [R*T + S, K, G + 2, D]
         norms = dict(q_norm=attn.q_norm.weight[...], k_norm=attn.k_norm.weight[...], eps=attn.q_norm.eps,
                      scale=scale)
-        out_s = out_c = None
+        out = None
         if chunk is not None:  # first: the slots' kernel reads the cache after the chunk's writes
-            out_c, layer_k, layer_v = decode_attention.chunk_attention(
-                grouped_c, layer_k, layer_v, chunk.rows, chunk.starts, chunk.num_new, chunk_cos, chunk_sin, **norms)
+            out, layer_k, layer_v = decode_attention.chunk_attention(
+                grouped, layer_k, layer_v, chunk.rows, chunk.starts, chunk.num_new, chunk_cos, chunk_sin, **norms)
         if num_slots:
-            out_s, layer_k, layer_v = decode_attention.decode_attention(
-                grouped_s[:, 0], layer_k, layer_v, lengths, write, cos, sin, **norms)
-        return join(out_s, out_c), (layer_k, layer_v)
+            out, layer_k, layer_v = decode_attention.decode_attention(
+                grouped, layer_k, layer_v, lengths, write, cos, sin, first=r * t, out=out, **norms)
+        return out[:, None], (layer_k, layer_v)
 
     def attend(attn, h, pos, layer_k, layer_v):
         if impl == "pallas":

@@ -212,3 +212,45 @@ def test_chunk_benchmark_matches_its_float32_reference(tmp_path, monkeypatch):
     assert [r["variant"] for r in records] == ["16:32:4:2", "32:16:4:3"]
     assert all(r["rel_error"] < 1e-2 and r["ms_per_call"] > 0 for r in records), records
     assert json.loads((tmp_path / "chunk_attention_bench.json").read_text())["results"] == records
+
+
+@pytest.mark.parametrize("t", [32, 20])
+def test_a_lane_step_reads_its_flat_batch_in_place_and_equals_the_separate_calls(t):
+    """A decode step with a lane: chunk_attention on the whole flat batch (chunk tokens first), then
+    decode_attention(first=R * T, out=...) into the same output, gives exactly (bit for bit) the outputs and caches
+    of the chunk and decode kernels called on their own rows. T = 32 is two whole tiles of 16 (read in place); T = 20
+    is not (the chunk is copied and padded). The lane's slots (1 and 4) and a padding row do not decode."""
+    rng = np.random.default_rng(t)
+    slots, length, kv_heads, group, d = 6, 128, 2, 2, 32
+    rows, starts, num_new = np.array([4, 1, 9]), np.array([37, 0, 5]), np.array([t, t - 7, t])
+    lengths = np.array([50, 0, 9, 64, 70, 3])
+    write = np.array([True, False, True, True, False, False])
+    bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+    flat = bf16(rng.standard_normal((3 * t + slots, kv_heads, group + 2, d)) * 3)
+    cache_k, cache_v = (bf16(rng.standard_normal((slots, length, kv_heads, d))) for _ in range(2))
+    q_w, k_w = (bf16(1 + 0.3 * rng.standard_normal(d)) for _ in range(2))
+    rope = lambda positions: qwen3.rotary_cos_sin(jnp.asarray(positions), 10_000.0, d, jnp.bfloat16)
+    chunk_rope, slot_rope = rope(starts[:, None] + np.arange(t)), rope(lengths)
+    chunk_args = [jnp.asarray(a, jnp.int32) for a in (rows, starts, num_new)] + list(chunk_rope) + [q_w, k_w]
+    slot_args = [jnp.asarray(lengths, jnp.int32), jnp.asarray(write)] + list(slot_rope) + [q_w, k_w]
+    kw = dict(eps=EPS, scale=d ** -0.5)
+
+    @jax.jit
+    def lane(flat, cache_k, cache_v):
+        out, cache_k, cache_v = da.chunk_attention(flat, cache_k, cache_v, *chunk_args, **kw)
+        return da.decode_attention(flat, cache_k, cache_v, *slot_args, first=3 * t, out=out, **kw)
+
+    @jax.jit
+    def separate(flat, cache_k, cache_v):
+        chunk = flat[:3 * t].reshape(3, t, kv_heads, group + 2, d)
+        out_c, cache_k, cache_v = da.chunk_attention(chunk, cache_k, cache_v, *chunk_args, **kw)
+        out_s, cache_k, cache_v = da.decode_attention(flat[3 * t:], cache_k, cache_v, *slot_args, **kw)
+        return jnp.concatenate([out_c.reshape(3 * t, kv_heads * group, d), out_s]), cache_k, cache_v
+
+    got, want = lane(flat, cache_k, cache_v), separate(flat, cache_k, cache_v)
+    assert got[0].shape == (3 * t + slots, kv_heads * group, d)
+    defined = np.concatenate([(np.arange(t)[None, :] < num_new[:, None]) & (rows[:, None] < slots),
+                              np.ones((1, slots), bool)], axis=None)   # real chunk tokens and every slot row
+    np.testing.assert_array_equal(np.asarray(got[0])[defined], np.asarray(want[0])[defined])
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -125,10 +125,12 @@ def test_pallas_decode_step_equals_the_xla_step():
         np.testing.assert_array_equal(b[1], np.asarray(old)[1])  # the idle slot's cache is untouched
 
 
-def test_pallas_chunks_equal_the_xla_chunks():
+@pytest.mark.parametrize("lane_width", [8, 32])
+def test_pallas_chunks_equal_the_xla_chunks(lane_width):
     """forward.prefill_chunk and a decode step with a lane, Pallas kernels (interpreted here) against the einsum
     attention, float32, same "bshd" cache: a prompt at offset 0 and a chunk appended mid-cache (shorter than its
-    padded width), then one step of two decoding slots while a third absorbs a chunk through the lane."""
+    padded width), then one step of two decoding slots while a third absorbs a chunk through the lane (a lane of 8
+    tokens is padded to a 16-token tile; one of 32 is two whole tiles, read in place from the flat batch)."""
     from flax import nnx
 
     from aepo_jax.models import qwen3
@@ -142,8 +144,8 @@ def test_pallas_chunks_equal_the_xla_chunks():
     cache = tuple(tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2)) for _ in range(2))
     prompt = forward.Chunk(jnp.asarray(rng.integers(0, 64, (2, 24)), jnp.int32), jnp.array([2, 0], jnp.int32),
                            jnp.array([0, 50], jnp.int32), jnp.array([24, 13], jnp.int32))
-    lane = forward.Chunk(jnp.asarray(rng.integers(0, 64, (1, 8)), jnp.int32), jnp.array([1], jnp.int32),
-                         jnp.array([30], jnp.int32), jnp.array([6], jnp.int32))
+    lane = forward.Chunk(jnp.asarray(rng.integers(0, 64, (1, lane_width)), jnp.int32), jnp.array([1], jnp.int32),
+                         jnp.array([30], jnp.int32), jnp.array([lane_width - 2], jnp.int32))
     tokens, lengths = jnp.asarray(rng.integers(0, 64, 3), jnp.int32), jnp.array([63, 30, 24], jnp.int32)
     write = jnp.array([True, False, True])
     prefill = jax.jit(forward.prefill_chunk, static_argnames=("layout", "window", "impl"))
