@@ -48,8 +48,9 @@ grids (+1.47 / +1.66 ms with 64 in the same run; session 21).
 
 A decode step with a lane runs both kernels on its one flat batch of rows (the chunks' tokens first, then the
 slots): each reads its rows of the projection GEMM's output in place, and the decode kernel writes its rows into
-the chunk kernel's output buffer, so XLA slices and concatenates nothing (session 23 counted three such copies
-per layer, ~4 MB in all for a 4 x 64 lane at 1.7B). Running both as one launch was slower (session 24).
+the chunk kernel's output buffer. Where the lane's width is a whole number of the chunk kernel's tiles, XLA
+slices and concatenates nothing (session 23 counted three such copies per layer, ~4 MB in all for a 4 x 64 lane
+at 1.7B). Running both as one launch was slower (session 24).
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ def decode_attention(grouped: Array, cache_k: Array, cache_v: Array, lengths: Ar
     interpret=None: compiled on a GPU, interpreted elsewhere.
     """
     s = lengths.shape[0]
-    n, kv_heads, rows, d = grouped.shape if grouped.ndim == 4 else (None,) * 4
-    group = rows - 2 if rows else 0
+    n, kv_heads, rows, d = grouped.shape if grouped.ndim == 4 else (0,) * 4
+    group = rows - 2
     length = cache_k.shape[1]
     if group < 1 or cache_k.shape[2] != kv_heads or cache_k.shape[3] != d or d % 2 or n != first + s:
         raise ValueError(f"decode_attention: grouped projections {grouped.shape} do not fit the cache "
