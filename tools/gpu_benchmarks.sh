@@ -4,6 +4,9 @@
 #   bash tools/gpu_benchmarks.sh rollout_policy  # rollout ratio at wait_fraction 0.125 (the old default), 4 waves
 #   bash tools/gpu_benchmarks.sh lane      # in-loop appends: a lane step's device time, the chunk kernel's per tile
 #                                          # setting, then the rollout ratio per lane shape (LANES="8x64 0x64")
+#   bash tools/gpu_benchmarks.sh lane_ab   # GPU attention tests, a lane step's device time on this code and on .base/
+#                                          # (an older copy of the code)
+#   bash tools/gpu_benchmarks.sh seeds     # the issue's rollout ratio, mean over SEEDS (5) draws, Pallas attention
 #   bash tools/gpu_benchmarks.sh overlap   # rollout ratio, the loop's sync and overlapped orders (RUNS="sync:0.25 ...")
 #   bash tools/gpu_benchmarks.sh timeline  # device busy / idle per kind of engine call in a rollout
 #   bash tools/gpu_benchmarks.sh prefill_compile  # compile time vs speed of a prefill shape under three GEMM settings
@@ -14,7 +17,7 @@
 # Each measurement has its own time limit so one failure or hang does not lose the others. Packages the
 # device image lacks (bm25s, tensorboardX) come as wheels in .whl/ (pip download them here, carry .whl).
 set -u
-if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl; fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 OUT=${OUT:-/tmp/gpu_bench}; mkdir -p "$OUT"
 # the tests whose GPU path differs from the CPU's
@@ -58,6 +61,21 @@ lane)  # tool results appended inside the decode loop (lane rows x width per ste
     run 280 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
       --tool_every 64 --warmups 2 --repeats 2 --breakdown --lane_rows ${lane%x*} --lane_width ${lane#*x} --tag lane$lane
   done
+  ;;
+lane_ab)  # a lane step on this code against .base/ (`mkdir .base && git archive <commit> aepo_jax tools | tar -x -C
+          # .base`, untracked so it travels): lane_calls, each in its own process
+  run 150 python3 -m pytest -q -p no:cacheprovider $ENGINE_TESTS -k "$GPU_TESTS"
+  for tag in base new; do
+    if [ "$tag" = base ]; then [ -d .base/aepo_jax ] || continue; dir=.base; else dir=.; fi
+    echo "=== lane_calls $tag"
+    PYTHONPATH=/tmp/site:$PWD/$dir timeout 110 python3 $dir/tools/profile_engine.py --max_len 1344 --start 600 \
+      lane_calls --steps 4 --chunk 60 --repeats 20 --counts 0,1,2,4,8 > "$OUT/lane_calls_$tag.log" 2>&1
+    grep -E "lane calls|appended|Error" "$OUT/lane_calls_$tag.log" | tail -8
+  done
+  ;;
+seeds)  # the issue-5 figure: the rollout ratio per seed and its mean (docs/benchmarks.md, session 22 on)
+  run 540 python3 tools/benchmark_rollout.py --preset 1.7b --batch 64 --prompt 256 --response 1024 \
+    --tool_every 64 --warmups 1 --repeats 1 --seeds "${SEEDS:-5}" --attention pallas --tag seeds
   ;;
 overlap)  # the loop's two orders (sync: wait for the tools, then decode; overlap: the next decode call is queued
            # before the last one's result is read) per wait fraction, RUNS="sync:0.25 overlap:0.25 ..."; the default

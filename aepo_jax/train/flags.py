@@ -15,6 +15,12 @@ LOG_EVERY = flags.DEFINE_integer("log_every", 1, "Steps between metric writes / 
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Steps between checkpoints")
 KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept (the newest)")
 EXPORT_HF_DIR = flags.DEFINE_string("export_hf_dir", None, "Write the final model here in HF format")
+COMPILATION_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None,
+                                             "JAX's persistent compilation cache: every compiled program is stored "
+                                             "here, and a resumed or repeated run with the same shapes loads it "
+                                             "instead of compiling. Default: JAX's own setting "
+                                             "(JAX_COMPILATION_CACHE_DIR) if set, else <workdir>/compilation_cache; "
+                                             "'' turns it off")
 MAX_NONFINITE_STEPS = flags.DEFINE_integer("max_nonfinite_steps", 10,
                                            "Abort after this many skipped (non-finite) updates")
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 
 from aepo_jax.agent import rollout as rollout_lib
@@ -78,6 +79,19 @@ def render_trajectory(tokenizer, traj: rollout_lib.Trajectory) -> str:
     return "".join(out)
 
 
+def use_compilation_cache(path: str | None, workdir: str) -> None:
+    """Turns on JAX's persistent compilation cache in `path` (None: JAX's configured directory if any, else
+    <workdir>/compilation_cache; "": off), for every program however short its compile: a resume after a
+    crash or a second run of the same shapes then loads its programs (the CPU trainer test's run: 28.6 s ->
+    13.7 s, docs/benchmarks.md session 26). Only process 0 writes; a cache that cannot be read or written
+    costs a warning and a compile, never the run."""
+    if path is None:
+        path = jax.config.jax_compilation_cache_dir or os.path.join(workdir, "compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", path or None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # programs compiled before this call (a notebook's) fixed the old setting
+
+
 class Trainer:
     def __init__(self, cfg: SimpleNamespace):
         self.cfg = cfg
@@ -86,6 +100,7 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tp)
         self.workdir = os.path.abspath(cfg.workdir)
         os.makedirs(self.workdir, exist_ok=True)
+        use_compilation_cache(cfg.compilation_cache_dir, self.workdir)
         self._resolve_data()
         self.tokenizer = tok_lib.load_tokenizer(self.tokenizer_path)
         self.metrics = MetricsWriter(os.path.join(self.workdir, "metrics"), enabled=jax.process_index() == 0)

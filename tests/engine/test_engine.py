@@ -336,28 +336,30 @@ def test_appends_inside_decode_equal_prefilling_them_first(env):
     sampled tokens (same keys), log-probs, entropies, stop reasons and lengths. The engine's lane takes 2 slots x
     4 tokens per step, so chunks take several steps and slots queue; a chunk over the lane's capacity is
     prefilled by decode; the chunks go to running slots, and to a slot stopped at its budget (it stops again
-    at once, sampling nothing)."""
+    at once, sampling nothing). float32 matmuls run at full precision: under a GPU's default (TF32) the two paths'
+    differently shaped matmuls round apart by more than the 1e-5 asserted here."""
     engine = Engine(env["model"], num_slots=NUM_SLOTS, max_len=MAX_LEN, cache_dtype=jnp.float32,
                     prefill_buckets=(8, 32), lane_rows=2, lane_width=4, lane_capacity=10)
     prompts = _prompts(11, (5, 8, 3, 6, 7, 4))
     chunks = _prompts(12, (9, 3, 12, 5, 0, 2))
     budgets = [30, 30, 30, 30, 30, 2]
     runs = []
-    for inside in (True, False):
-        engine.prefill(list(range(6)), prompts, sampling=SamplingParams(temperature=1.0), stops=[],
-                       ignore_eos=True, max_length=[len(p) + b for p, b in zip(prompts, budgets)],
-                       seed=list(range(6)))
-        first = engine.decode(6, wait_fraction=1.0)
-        assert first.stopped_slots() == [5] and first.finish_reason(5) == "length"
-        appends = {s: c for s, c in enumerate(chunks) if c}
-        if inside:
-            second = engine.decode(64, wait_fraction=1.0, appends=appends)
-        else:
-            engine.prefill(list(appends), list(appends.values()))
-            second = engine.decode(64, wait_fraction=1.0)
-        runs.append((first.fetch(), second.fetch()))
-        assert first.output.is_deleted() and second.output.is_deleted()  # a fetch frees the device buffer
-        engine.release(list(range(6)))
+    with jax.default_matmul_precision("highest"):
+        for inside in (True, False):
+            engine.prefill(list(range(6)), prompts, sampling=SamplingParams(temperature=1.0), stops=[],
+                           ignore_eos=True, max_length=[len(p) + b for p, b in zip(prompts, budgets)],
+                           seed=list(range(6)))
+            first = engine.decode(6, wait_fraction=1.0)
+            assert first.stopped_slots() == [5] and first.finish_reason(5) == "length"
+            appends = {s: c for s, c in enumerate(chunks) if c}
+            if inside:
+                second = engine.decode(64, wait_fraction=1.0, appends=appends)
+            else:
+                engine.prefill(list(appends), list(appends.values()))
+                second = engine.decode(64, wait_fraction=1.0)
+            runs.append((first.fetch(), second.fetch()))
+            assert first.output.is_deleted() and second.output.is_deleted()  # a fetch frees the device buffer
+            engine.release(list(range(6)))
     (a1, a2), (b1, b2) = runs
     np.testing.assert_array_equal(a1.tokens, b1.tokens)
     for s in range(6):

@@ -11,8 +11,13 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import load_file
+
+from aepo_jax.train.trainer import use_compilation_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--flagfile=configs/cpu_demo.flags", "--sft_steps=6", "--sft_batch_size=4", "--rl_steps=4",
@@ -66,6 +71,29 @@ def test_run_writes_metrics_dumps_and_an_hf_model(uninterrupted):
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(str(workdir / "hf"), local_files_only=True)
     assert model.config.num_hidden_layers == 4
+    assert os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"])  # the run stored its programs where JAX was told to
+
+
+def test_the_compilation_cache_is_jaxs_setting_else_the_workdirs(tmp_path):
+    """use_compilation_cache(None): the directory JAX was given (this test session's), else
+    <workdir>/compilation_cache, where even a program that compiles in milliseconds is then stored; "": off."""
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    workdir = tmp_path / "w"
+    try:
+        use_compilation_cache(None, str(workdir))
+        assert jax.config.jax_compilation_cache_dir == before[0] == os.environ["JAX_COMPILATION_CACHE_DIR"]
+        jax.config.update("jax_compilation_cache_dir", None)
+        use_compilation_cache(None, str(workdir))
+        assert jax.config.jax_compilation_cache_dir == str(workdir / "compilation_cache")
+        assert not (workdir / "compilation_cache").exists()
+        np.testing.assert_array_equal(jax.jit(lambda x: x * 3 + 1)(np.arange(4)), [1, 4, 7, 10])
+        assert os.listdir(workdir / "compilation_cache")
+        use_compilation_cache("", str(workdir))
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()
 
 
 def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
